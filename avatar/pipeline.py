@@ -1,0 +1,114 @@
+"""The one frame path shared by live and offline: 400 audio samples in, one 512x512 frame out.
+
+    samples (400,) -> AudioEncoder -> features -> MotionGenerator -> motion -> FaceDecoder -> frame
+
+Each tick consumes exactly SAMPLES_PER_FRAME new samples. The engines are stateful through
+explicit tensors, threaded here, so memory is constant in audio length. The audio encoder looks
+ahead by `lookahead_frames`, so the frame produced at tick t shows audio frame t - lookahead:
+offline callers flush with `flush()` to get the last frames; live callers simply run on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from avatar.constants import SAMPLES_PER_FRAME
+
+
+@dataclass
+class Engines:
+    """The three engines for one pipeline (torch modules, or back-ends with the same call contract)."""
+
+    encoder: nn.Module
+    generator: nn.Module
+    decoder: nn.Module
+
+
+class Pipeline:
+    """Runs the three engines one tick at a time. Not thread-safe: one caller drives it."""
+
+    def __init__(self, engines: Engines, rig_inputs: tuple[torch.Tensor, ...], controls: torch.Tensor,
+                 *, seed: int = 0):
+        self.engines = engines
+        self.rig_inputs = tuple(rig_inputs)
+        self.controls = controls
+        self.seed = seed
+        self.lookahead_frames = int(getattr(engines.encoder, "lookahead_frames", 0))
+        self.n_noise = int(engines.generator.N_NOISE)
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the first frame: fresh engine state, noise stream restarted from the seed."""
+        self.noise = torch.Generator().manual_seed(self.seed)
+        self.encoder_state = tuple(self.engines.encoder.initial_state(1))
+        self.generator_state = tuple(self.engines.generator.initial_state(1))
+        self.ticks = 0
+        self.last_motion: torch.Tensor | None = None
+
+    def set_rig(self, rig_inputs: tuple[torch.Tensor, ...]) -> None:
+        """Switch portraits between frames; motion state carries on."""
+        self.rig_inputs = tuple(rig_inputs)
+
+    def set_controls(self, controls: torch.Tensor) -> None:
+        """Switch mood/gaze/framing controls between frames; the generator glides to them."""
+        self.controls = controls
+
+    @torch.inference_mode()
+    def motion_step(self, samples: np.ndarray) -> torch.Tensor:
+        """samples (SAMPLES_PER_FRAME,) float32 -> motion (1, N_CHANNELS). Encoder + generator only."""
+        if samples.shape != (SAMPLES_PER_FRAME,):
+            raise ValueError(f"expected {SAMPLES_PER_FRAME} samples per tick, got shape {samples.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)).unsqueeze(0)
+        features, *self.encoder_state = self.engines.encoder(x, *self.encoder_state)
+        noise = torch.rand(1, self.n_noise, generator=self.noise)
+        motion, *self.generator_state = self.engines.generator(features, self.controls, noise,
+                                                               *self.generator_state)
+        self.ticks += 1
+        self.last_motion = motion
+        return motion
+
+    @torch.inference_mode()
+    def render(self, motion: torch.Tensor) -> np.ndarray:
+        """motion (1, N_CHANNELS) -> frame (512, 512, 3) uint8 RGB."""
+        return self.engines.decoder(motion, *self.rig_inputs)[0].numpy()
+
+    def step(self, samples: np.ndarray) -> np.ndarray | None:
+        """One tick. Returns the frame for audio frame ticks - lookahead, or None while the
+        look-ahead is still filling (the first `lookahead_frames` ticks)."""
+        motion = self.motion_step(samples)
+        if self.ticks <= self.lookahead_frames:
+            return None
+        return self.render(motion)
+
+    def flush(self) -> Iterator[np.ndarray]:
+        """The frames still owed after the last audio block: feed silence through the look-ahead."""
+        silence = np.zeros(SAMPLES_PER_FRAME, dtype=np.float32)
+        for _ in range(self.lookahead_frames):
+            yield self.render(self.motion_step(silence))
+
+
+AUDIO_MODELS = ("trained", "dsp")
+MOTION_MODELS = ("generator", "baseline")
+
+
+def load_engines(*, audio_model: str = "trained", motion_model: str = "generator") -> Engines:
+    """The torch reference engines, in eval mode. `audio_model` "dsp" and `motion_model`
+    "baseline" select the comparison baselines."""
+    from engines.audio_encoder import load_audio_encoder
+    from engines.face_decoder import FaceDecoder
+
+    if motion_model == "generator":
+        from engines.motion_generator import MotionGenerator as generator_class
+    elif motion_model == "baseline":
+        from engines.baseline_motion import LoudnessBaseline as generator_class
+    else:
+        from avatar.errors import AvatarError
+
+        raise AvatarError(f"unknown motion model {motion_model!r}: use one of {', '.join(MOTION_MODELS)}")
+    return Engines(encoder=load_audio_encoder(audio_model).eval(), generator=generator_class().eval(),
+                   decoder=FaceDecoder().eval())
