@@ -71,36 +71,70 @@ def _stream_duration(container, stream) -> float | None:
     return None
 
 
-class _Decoder:
-    """Decodes one audio stream packet by packet into frames of a fixed format/layout/rate.
+def _mix_matrix(channels: tuple[str, ...], out_channels: int) -> np.ndarray:
+    """(out_channels, len(channels)) downmix weights, each row summing to 1 so nothing clips.
 
-    Handles a change of source format mid-stream (some mp3/ogg chains do this) by flushing the
-    resampler and starting a new one, which AudioResampler itself refuses to do.
+    Left-side channels feed the left output, right-side ones the right, centre (and unknown)
+    channels both at -3 dB; LFE is dropped unless it is all there is. Mono takes every channel.
+    Done here rather than by swresample, whose float downmix is unnormalised (a 5.1 file came out
+    at 3.4x full scale) and whose normalising option needs a recent PyAV.
+    """
+    weights = np.zeros((out_channels, len(channels)), dtype=np.float32)
+    for i, name in enumerate(channels):
+        if name.startswith("LFE") and len(channels) > 1:
+            continue
+        if out_channels == 1:
+            weights[0, i] = 1.0
+        elif name.endswith(("L", "LC")) and "R" not in name:
+            weights[0, i] = 1.0
+        elif name.endswith(("R", "RC")):
+            weights[1, i] = 1.0
+        else:
+            weights[:, i] = np.sqrt(0.5)
+    sums = weights.sum(axis=1, keepdims=True)
+    if np.any(sums == 0):  # e.g. a layout of unnamed channels routed nowhere: share them equally
+        weights[:] = 1.0
+        sums = weights.sum(axis=1, keepdims=True)
+    return weights / sums
+
+
+class _Decoder:
+    """Decodes one audio stream packet by packet into planar float32 arrays at a fixed rate.
+
+    Yields (channels, n) arrays already mixed down to `out_channels`. Handles a change of
+    source format mid-stream (some mp3/ogg chains do this) by flushing the resampler and
+    starting a new one, which AudioResampler itself refuses to do.
     """
 
-    def __init__(self, path: Path, container, stream, *, format: str, layout: str | None, rate: int,
-                 frame_size: int | None = None):
+    def __init__(self, path: Path, container, stream, *, rate: int, out_channels: int):
         self.path, self.container, self.stream = path, container, stream
-        self.format, self.layout, self.rate, self.frame_size = format, layout, rate, frame_size
+        self.rate, self.out_channels = rate, out_channels
         self.resampler: av.AudioResampler | None = None
         self.samples_out = 0  # samples at `rate` produced so far, for error positions
-
-    def _new_resampler(self) -> av.AudioResampler:
-        return av.AudioResampler(format=self.format, layout=self.layout, rate=self.rate,
-                                 frame_size=self.frame_size)
+        self._weights: dict[tuple[str, ...], np.ndarray] = {}
 
     def _resample(self, frame) -> list:
+        # Keep the source layout: the mix to mono/stereo is ours (see _mix_matrix).
         if self.resampler is None:
-            self.resampler = self._new_resampler()
+            self.resampler = av.AudioResampler(format="fltp", rate=self.rate)
         try:
             return self.resampler.resample(frame)
         except ValueError:  # source format changed: drain the old graph, start a new one
             out = self.resampler.resample(None)
-            self.resampler = self._new_resampler()
+            self.resampler = av.AudioResampler(format="fltp", rate=self.rate)
             return out + self.resampler.resample(frame)
 
-    def frames(self) -> Iterator[av.AudioFrame]:
-        """Yields resampled frames until the end of the stream, the resampler flushed."""
+    def _mix(self, frame) -> np.ndarray:
+        planes = frame.to_ndarray()  # (channels, n) float32 for fltp
+        if planes.shape[0] == self.out_channels and planes.shape[0] <= 2:
+            return planes  # mono to mono, stereo to stereo: untouched
+        names = tuple(channel.name for channel in frame.layout.channels) or ("FC",) * planes.shape[0]
+        if names not in self._weights:
+            self._weights[names] = _mix_matrix(names, self.out_channels)
+        return self._weights[names] @ planes
+
+    def arrays(self) -> Iterator[np.ndarray]:
+        """Yields (out_channels, n) float32 arrays until the end of the stream, resampler flushed."""
         packets = self.container.demux(self.stream)
         while True:
             try:
@@ -115,11 +149,11 @@ class _Decoder:
             for frame in decoded:
                 for out in self._resample(frame):
                     self.samples_out += out.samples
-                    yield out
+                    yield self._mix(out)
         if self.resampler is not None:
             for out in self.resampler.resample(None):
                 self.samples_out += out.samples
-                yield out
+                yield self._mix(out)
 
 
 class AudioFile:
@@ -152,10 +186,10 @@ class AudioFile:
         if self._started:
             raise RuntimeError("AudioFile.blocks() can be iterated once; open the file again")
         self._started = True
-        decoder = _Decoder(self.path, self.container, self.stream, format="flt", layout="mono", rate=SAMPLE_RATE)
+        decoder = _Decoder(self.path, self.container, self.stream, rate=SAMPLE_RATE, out_channels=1)
         pending = np.zeros(0, dtype=np.float32)  # < block samples carried between decoded frames
-        for frame in decoder.frames():
-            samples = frame.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+        for mixed in decoder.arrays():
+            samples = mixed[0]
             if pending.size:
                 samples = np.concatenate([pending, samples])
             whole = samples.size - samples.size % block
@@ -312,38 +346,52 @@ class VideoWriter:
 class _AudioMux:
     """Re-encodes a source audio file to AAC into an output container, a little at a time."""
 
+    FRAME = 1024  # samples per AAC frame
+
     def __init__(self, path: Path, container):
         self.path, self.container = path, container
         self.input, stream = _open_input_audio(path)
         ctx = stream.codec_context
         self.rate = ctx.sample_rate if ctx.sample_rate in AAC_RATES else AAC_FALLBACK_RATE
-        layout = "mono" if ctx.channels <= 1 else "stereo"
+        self.channels = 1 if ctx.channels <= 1 else 2
+        self.layout = "mono" if self.channels == 1 else "stereo"
         self.out = container.add_stream("aac", rate=self.rate)
         octx = self.out.codec_context
-        octx.layout = layout
+        octx.layout = self.layout
         octx.format = "fltp"
-        octx.bit_rate = AAC_BIT_RATE[1 if layout == "mono" else 2]
+        octx.bit_rate = AAC_BIT_RATE[self.channels]
         octx.time_base = Fraction(1, self.rate)
         self.out.time_base = Fraction(1, self.rate)
-        # Frames of exactly the encoder's frame size (1024 for AAC), built by the resampler's fifo.
-        self.frames = _Decoder(path, self.input, stream, format="fltp", layout=layout, rate=self.rate,
-                               frame_size=1024).frames()
-        self.samples = 0
+        self.arrays = _Decoder(path, self.input, stream, rate=self.rate, out_channels=self.channels).arrays()
+        self.pending = np.zeros((self.channels, 0), dtype=np.float32)
+        self.samples = 0  # samples handed to the encoder
         self.done = False
+
+    def _encode(self, planes: np.ndarray) -> None:
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes, dtype=np.float32),
+                                           format="fltp", layout=self.layout)
+        frame.sample_rate = self.rate
+        frame.pts = self.samples
+        frame.time_base = self.out.codec_context.time_base
+        self.samples += frame.samples
+        self.container.mux(self.out.encode(frame))
 
     def write_until(self, seconds: float) -> None:
         """Encodes and muxes source audio until `seconds` of it are written or it ends."""
         limit = seconds * self.rate
         while not self.done and self.samples < limit:
-            frame = next(self.frames, None)
-            if frame is None:
-                self.done = True
+            if self.pending.shape[1] < self.FRAME:
+                planes = next(self.arrays, None)
+                if planes is not None:
+                    self.pending = np.concatenate([self.pending, planes], axis=1)
+                    continue
+                self.done = True  # end of the source: the short last frame, then flush
+                if self.pending.shape[1]:
+                    self._encode(self.pending)
                 self.container.mux(self.out.encode(None))
                 break
-            frame.pts = self.samples
-            frame.time_base = self.out.codec_context.time_base
-            self.samples += frame.samples
-            self.container.mux(self.out.encode(frame))
+            self._encode(self.pending[:, :self.FRAME])
+            self.pending = self.pending[:, self.FRAME:]
 
     def close(self) -> None:
         self.input.close()
