@@ -1,0 +1,28 @@
+"""Shared test set-up: quiet mediapipe, bounded torch threads, and the `cuda` marker's skip."""
+
+import os
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA; torch.cuda.is_available() is False here")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def rig_cache(tmp_path_factory):
+    """A private rig cache so tests never read or pollute the user's cache."""
+    path = tmp_path_factory.mktemp("rigs")
+    os.environ["VASA_AVATAR_CACHE"] = str(path)
+    return path

@@ -1,0 +1,78 @@
+"""End to end: the CLI renders a portrait and an audio file into a valid mp4; bad input fails cleanly."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from avatar.cli import DEFAULT_AUDIO, DEFAULT_PORTRAIT, main
+from avatar.constants import FPS, FRAME_SIZE
+
+pytestmark = pytest.mark.slow
+
+
+def _sox(*args):
+    subprocess.run(["sox", *map(str, args)], check=True, capture_output=True)
+
+
+def test_render_writes_h264_512_at_40fps_with_audio(tmp_path, rig_cache):
+    audio = tmp_path / "speech.mp3"
+    _sox(DEFAULT_AUDIO, "-r", "44100", "-c", "2", audio, "trim", "0", "2.5")
+    out = tmp_path / "out.mp4"
+    assert main(["render", "--portrait", str(DEFAULT_PORTRAIT), "--audio", str(audio), "-o", str(out), "-q"]) == 0
+
+    with av.open(str(out)) as container:
+        video = container.streams.video[0]
+        assert video.codec_context.name == "h264"
+        assert (video.codec_context.width, video.codec_context.height) == (FRAME_SIZE, FRAME_SIZE)
+        assert video.average_rate == FPS
+        assert container.streams.audio, "no audio stream muxed"
+        assert container.streams.audio[0].codec_context.name == "aac"
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert abs(len(frames) - 2.5 * FPS) <= 1
+    # the face talks: consecutive frames are not all identical
+    diffs = [np.abs(a.astype(int) - b).mean() for a, b in zip(frames, frames[1:])]
+    assert max(diffs) > 0.5
+
+
+def test_silence_renders_an_idle_face(tmp_path, rig_cache):
+    audio = tmp_path / "silence.wav"
+    _sox("-n", "-r", "16000", "-c", "1", audio, "trim", "0", "1.0")
+    out = tmp_path / "idle.mp4"
+    assert main(["render", "--portrait", str(DEFAULT_PORTRAIT), "--audio", str(audio), "-o", str(out), "-q"]) == 0
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].frames in (FPS - 1, FPS, FPS + 1)
+
+
+@pytest.mark.parametrize("problem", ["no_face", "not_image", "corrupt_audio", "empty_audio", "missing_audio"])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, problem, rig_cache):
+    portrait, audio = Path(DEFAULT_PORTRAIT), Path(DEFAULT_AUDIO)
+    if problem == "no_face":
+        from PIL import Image
+
+        portrait = tmp_path / "wall.png"
+        Image.fromarray(np.full((400, 400, 3), 180, np.uint8)).save(portrait)
+    elif problem == "not_image":
+        portrait = tmp_path / "notes.jpg"
+        portrait.write_text("not a photo")
+    elif problem == "corrupt_audio":
+        audio = tmp_path / "broken.mp3"
+        audio.write_bytes(b"\x00garbage" * 500)
+    elif problem == "empty_audio":
+        audio = tmp_path / "empty.wav"
+        audio.write_bytes(b"")
+    else:
+        audio = tmp_path / "nowhere.wav"
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"keep me")  # an existing file must survive a failed render
+    proc = subprocess.run([sys.executable, "-m", "avatar.cli", "render", "--portrait", str(portrait),
+                           "--audio", str(audio), "-o", str(out), "-q"], capture_output=True, text=True,
+                          env={**__import__("os").environ})
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert out.read_bytes() == b"keep me"
