@@ -7,6 +7,7 @@ enough source audio to keep the two streams interleaved.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import uuid
@@ -29,10 +30,16 @@ AAC_BIT_RATE = {1: 96_000, 2: 160_000}  # bits/s per layout; speech and music bo
 # Muxer per output suffix: mp4 is the product; mov/mkv cost nothing to allow.
 OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 
-# x264 settings chosen by measurement on the 2-core target (see tests/test_media.py and the
-# module's benchmark in the report): "veryfast" keeps encoding well inside the frame budget.
+# x264 settings, measured on the 2-core target writing 512x512 astronaut frames with small whole-
+# frame motion (a worst case: the real background is still), AAC muxed, median of 3 runs:
+#   CPU ms/frame  ultrafast 5.4 (4.8 Mbit/s) | superfast 7.4 (1.1 Mbit/s) | veryfast 8.9 (0.57 Mbit/s)
+# With a 10 ms/frame decoder stand-in on the render thread and the encoder on its own thread,
+# superfast/1 thread kept the render at the decoder's pace (11 ms/frame); veryfast was 11-14 ms
+# and suffered most when another process took a core. One x264 thread leaves the other core to
+# the engines; auto threads (3 on 2 cores) only added contention. CRF 20 looks clean at 512x512.
 DEFAULT_CRF = 20
-DEFAULT_PRESET = "veryfast"
+DEFAULT_PRESET = "superfast"
+DEFAULT_THREADS = 1
 
 
 def _media_error(path: Path, exc: BaseException) -> AvatarError:
@@ -238,7 +245,7 @@ class VideoWriter:
 
     def __init__(self, path: str | os.PathLike, *, fps: int = FPS, size: int = FRAME_SIZE,
                  audio_path: str | os.PathLike | None = None, metadata: dict[str, str] | None = None,
-                 crf: int = DEFAULT_CRF, preset: str = DEFAULT_PRESET, threads: int = 0):
+                 crf: int = DEFAULT_CRF, preset: str = DEFAULT_PRESET, threads: int = DEFAULT_THREADS):
         self.path = Path(path)
         self.fps, self.size = int(fps), int(size)
         if self.fps <= 0 or self.size <= 0 or self.size % 2:
@@ -300,27 +307,37 @@ class VideoWriter:
                            src_color_range="JPEG", dst_color_range="MPEG")
         yuv.pts = self.frames
         yuv.time_base = self.video.codec_context.time_base
-        self.container.mux(self.video.encode(yuv))
-        self.frames += 1
-        if self._audio is not None:
-            # Keep audio just ahead of the video written so far so the muxer interleaves.
-            self._audio.write_until((self.frames + 1) / self.fps)
+        with self._io_errors():
+            self.container.mux(self.video.encode(yuv))
+            self.frames += 1
+            if self._audio is not None:
+                # Keep audio just ahead of the video written so far so the muxer interleaves.
+                self._audio.write_until((self.frames + 1) / self.fps)
 
     def close(self) -> None:
         """Flushes both encoders, finishes the file and moves it to `path`."""
         if self._closed:
             return
         try:
-            self.container.mux(self.video.encode(None))
-            if self._audio is not None:
-                self._audio.write_until(math.inf)
-                self._audio.close()
-            self.container.close()
+            with self._io_errors():
+                self.container.mux(self.video.encode(None))
+                if self._audio is not None:
+                    self._audio.write_until(math.inf)
+                    self._audio.close()
+                self.container.close()
+                self._closed = True
+                os.replace(self.tmp_path, self.path)
         except BaseException:
             self._discard()
             raise
-        self._closed = True
-        os.replace(self.tmp_path, self.path)
+
+    @contextlib.contextmanager
+    def _io_errors(self):
+        """A full disk or a vanished folder is the user's to fix: say so in one line."""
+        try:
+            yield
+        except OSError as exc:  # av.error.OSError (ENOSPC, EIO...) subclasses it too
+            raise AvatarError(f"writing {self.path} failed: {exc.strerror or exc}") from None
 
     def _discard(self) -> None:
         """Drops the partial output; the destination, if it existed, is left as it was."""
