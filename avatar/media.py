@@ -150,8 +150,8 @@ class _Decoder:
             except StopIteration:
                 break
             except av.error.FFmpegError as exc:
-                at = self.samples_out / self.rate
-                raise AvatarError(f"{self.path}: the audio is damaged at {at // 60:.0f}:{at % 60:06.3f} "
+                minutes, ms = divmod(round(self.samples_out * 1000 / self.rate), 60_000)
+                raise AvatarError(f"{self.path}: the audio is damaged at {minutes}:{ms / 1000:06.3f} "
                                   f"({getattr(exc, 'strerror', exc)}); re-export or trim the file") from None
             for frame in decoded:
                 for out in self._resample(frame):
