@@ -159,6 +159,18 @@ class _Spectrum(nn.Module):
         return spec[:, : self.n_bins].pow(2) + spec[:, self.n_bins:].pow(2)
 
 
+def frame_measures(buffer: Tensor, pitch: _PitchTracker) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Level, pitch period, periodicity and zero-crossing rate of the target frame (frame t-1).
+
+    buffer: (B, BUFFER_SAMPLES) -> db (B,) dBFS, lag (B,) samples at 16 kHz, nccf peak (B,),
+    crossings (B,) per sample.
+    """
+    target = buffer[:, TARGET_START:TARGET_START + SAMPLES_PER_FRAME]
+    lag, periodicity = pitch(buffer)
+    crossings = (target[:, 1:] * target[:, :-1] < 0).to(torch.float32).mean(dim=1)
+    return frame_db(target), lag, periodicity, crossings
+
+
 def _band(freqs: Tensor, lo: float, hi: float) -> Tensor:
     return ((freqs >= lo) & (freqs < hi)).float()
 
@@ -234,10 +246,8 @@ class DSPAudioEncoder(nn.Module):
         """samples (B, 400); history (B, 800); peak_db (B, 1); quiet_frames (B, 1); mouth (B, 4)
         -> features (B, 7), history (B, 800), peak_db (B, 1), quiet_frames (B, 1), mouth (B, 4)."""
         buffer = torch.cat([history, samples], dim=1)  # (B, 1200): frames t-2, t-1, t
-        target = buffer[:, TARGET_START:TARGET_START + SAMPLES_PER_FRAME]  # frame t-1
-        db = frame_db(target)[:, None]  # (B, 1)
-        lag, periodicity = self.pitch(buffer)
-        crossings = (target[:, 1:] * target[:, :-1] < 0).to(torch.float32).mean(dim=1)
+        db, lag, periodicity, crossings = frame_measures(buffer, self.pitch)
+        db = db[:, None]  # (B, 1)
         # automatic gain: the speech peak rises at once and falls 0.05 dB per frame (2 dB/s)
         peak_db = torch.maximum(peak_db - 0.05, db).clamp(min=-45.0)
 
@@ -267,6 +277,181 @@ class DSPAudioEncoder(nn.Module):
         return features, buffer[:, SAMPLES_PER_FRAME:], peak_db, quiet_frames, mouth
 
 
+def mel_filterbank(n_fft: int, n_mels: int, f_min: float, f_max: float) -> Tensor:
+    """(n_fft // 2 + 1, n_mels) triangular filters on the HTK mel scale, each peaking at 1."""
+    def hz_to_mel(f):
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+
+    def mel_to_hz(m):
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+    edges = mel_to_hz(np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2))
+    freqs = np.arange(n_fft // 2 + 1) * SAMPLE_RATE / n_fft
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising = (freqs[None, :] - lower) / (centre - lower)
+    falling = (upper - freqs[None, :]) / (upper - centre)
+    return torch.from_numpy(np.clip(np.minimum(rising, falling), 0.0, None).T.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class AudioEncoderConfig:
+    n_mels: int = 40
+    mel_hop: int = 100  # samples between log-mel frames: 4 per tick (6.25 ms)
+    mel_window: int = 400  # 25 ms Hann window
+    n_fft: int = 512
+    f_min: float = 50.0
+    f_max: float = 7600.0
+    mel_floor: float = 1e-7  # power floor before the log: silence maps to log(mel_floor)
+    hidden: int = 160  # width of the per-tick MLP
+    gru: int = 128  # recurrent state width
+
+    @property
+    def mels_per_tick(self) -> int:
+        return SAMPLES_PER_FRAME // self.mel_hop
+
+    @property
+    def n_inputs(self) -> int:
+        # log-mel frames of this tick and the previous one, plus the four DSP measures
+        return 2 * self.mels_per_tick * self.n_mels + N_MEASURES
+
+
+MEASURE_NAMES = ("loudness", "periodicity", "dsp_pitch", "crossings")
+N_MEASURES = len(MEASURE_NAMES)
+
+
+class AudioFrontend(nn.Module):
+    """Fixed (untrained) analysis of one tick's buffer: log-mel frames and DSP measures.
+
+    The log-mel windows end at the newest sample and every mel_hop before it, so the frames of
+    consecutive ticks tile the stream; the measures describe frame t-1 (the output frame).
+    """
+
+    def __init__(self, config: AudioEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        n_bins = config.n_fft // 2 + 1
+        self.register_buffer("basis", _dft_basis(config.mel_window, config.n_fft, n_bins), persistent=False)
+        self.register_buffer("filters", mel_filterbank(config.n_fft, config.n_mels, config.f_min, config.f_max), persistent=False)
+        ends = BUFFER_SAMPLES - config.mel_hop * torch.arange(config.mels_per_tick - 1, -1, -1)
+        index = (ends[:, None] - config.mel_window + torch.arange(config.mel_window)[None, :]).reshape(-1)
+        self.register_buffer("window_index", index, persistent=False)
+        self.pitch = _PitchTracker()
+        self.n_bins = n_bins
+
+    def forward(self, buffer: Tensor) -> tuple[Tensor, Tensor]:
+        """buffer: (B, BUFFER_SAMPLES) -> log-mel (B, mels_per_tick * n_mels), measures (B, 4)."""
+        batch = buffer.shape[0]
+        c = self.config
+        windows = torch.index_select(buffer, 1, self.window_index).reshape(batch * c.mels_per_tick, c.mel_window)
+        spec = windows @ self.basis  # (B * M, 2 * bins)
+        power = spec[:, : self.n_bins].pow(2) + spec[:, self.n_bins:].pow(2)
+        log_mel = torch.log(power @ self.filters + c.mel_floor).reshape(batch, c.mels_per_tick * c.n_mels)
+        db, lag, periodicity, crossings = frame_measures(buffer, self.pitch)
+        dsp_pitch = torch.log2(SAMPLE_RATE / lag / PITCH_REF_HZ)
+        measures = torch.stack([db_to_loudness(db), periodicity, dsp_pitch, crossings], dim=1)
+        return log_mel, measures
+
+    def silence_mel(self, batch: int) -> Tensor:
+        """The log-mel of an all-zero tick: (B, mels_per_tick * n_mels)."""
+        return torch.full((batch, self.config.mels_per_tick * self.config.n_mels), math.log(self.config.mel_floor))
+
+    def sequence(self, samples: Tensor, chunk: int = 256) -> tuple[Tensor, Tensor]:
+        """Whole clips at once (training and evaluation): the same numbers as tick by tick.
+
+        samples: (B, T * 400) -> log-mel (B, T, mels_per_tick * n_mels), measures (B, T, 4).
+        """
+        batch, n = samples.shape
+        ticks = n // SAMPLES_PER_FRAME
+        padded = torch.cat([samples.new_zeros(batch, BUFFER_SAMPLES - SAMPLES_PER_FRAME), samples], dim=1)
+        buffers = padded.unfold(1, BUFFER_SAMPLES, SAMPLES_PER_FRAME)  # (B, T, 1200)
+        mels, measures = [], []
+        flat = buffers.reshape(batch * ticks, BUFFER_SAMPLES)
+        for part in flat.split(chunk):
+            m, d = self(part.contiguous())
+            mels.append(m)
+            measures.append(d)
+        return torch.cat(mels).reshape(batch, ticks, -1), torch.cat(measures).reshape(batch, ticks, N_MEASURES)
+
+
+class AudioEncoder(nn.Module):
+    """The trained encoder: log-mel + DSP measures -> per-tick MLP -> GRU -> articulation.
+
+    loudness is the exact definition (frame RMS), not learned. pitch is the NCCF tracker's
+    estimate plus a learned correction (octave slips, noise), gated to 0 where the network says
+    the frame is unvoiced. jaw/lips/voicing are learned from synthesized speech with phone
+    timings (engines/train_audio.py).
+
+    State: sample history (B, 800), previous tick's log-mel (B, mels_per_tick * n_mels), GRU
+    hidden state (B, gru).
+    """
+
+    lookahead_frames = LOOKAHEAD_FRAMES
+
+    def __init__(self, config: AudioEncoderConfig = AudioEncoderConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.frontend = AudioFrontend(config)
+        # input normalisation measured on the training corpus (saved with the weights)
+        self.register_buffer("input_mean", torch.zeros(config.n_inputs))
+        self.register_buffer("input_std", torch.ones(config.n_inputs))
+        self.mlp = nn.Sequential(
+            nn.Linear(config.n_inputs, config.hidden), nn.ReLU(),
+            nn.Linear(config.hidden, config.hidden), nn.ReLU(),
+        )
+        self.gru = nn.GRU(config.hidden, config.gru, batch_first=True)
+        # jaw, wide, round, closed, voicing logits and a pitch correction (octaves)
+        self.head = nn.Linear(config.gru + config.hidden, 6)
+
+    def initial_state(self, batch: int = 1) -> tuple[Tensor, ...]:
+        return (
+            torch.zeros(batch, BUFFER_SAMPLES - SAMPLES_PER_FRAME),
+            self.frontend.silence_mel(batch),
+            torch.zeros(batch, self.config.gru),
+        )
+
+    def core(self, prev_mel: Tensor, mel: Tensor, measures: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """The trained part, over T ticks at once (T = 1 when streaming).
+
+        prev_mel, mel: (B, T, M) log-mel of ticks t-1 and t; measures: (B, T, 4); hidden: (B, H)
+        -> features (B, T, 7), hidden (B, H).
+        """
+        x = torch.cat([prev_mel, mel, measures], dim=2)
+        x = (x - self.input_mean) / self.input_std
+        z = self.mlp(x)  # (B, T, hidden)
+        out, h = self.gru(z, hidden[None].contiguous())  # (B, T, gru), (1, B, gru)
+        y = self.head(torch.cat([out, z], dim=2))  # (B, T, 6)
+        mouth = torch.sigmoid(y[..., 0:4])
+        voicing = torch.sigmoid(y[..., 4:5])
+        pitch = (measures[..., 2:3] + y[..., 5:6]) * (voicing > 0.5).to(y.dtype)
+        loudness = measures[..., 0:1]
+        return torch.cat([mouth, voicing, loudness, pitch], dim=2), h[0]
+
+    def forward(self, samples: Tensor, history: Tensor, prev_mel: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """samples (B, 400); history (B, 800); prev_mel (B, 4 * n_mels); hidden (B, gru)
+        -> features (B, 7), history (B, 800), prev_mel (B, 4 * n_mels), hidden (B, gru)."""
+        buffer = torch.cat([history, samples], dim=1)  # (B, 1200): frames t-2, t-1, t
+        mel, measures = self.frontend(buffer)
+        features, hidden = self.core(prev_mel[:, None], mel[:, None], measures[:, None], hidden)
+        return features[:, 0], buffer[:, SAMPLES_PER_FRAME:], mel, hidden
+
+    def logits_sequence(self, mel: Tensor, measures: Tensor) -> Tensor:
+        """Training view: raw head outputs for whole sequences from the initial state.
+
+        mel: (B, T, M) from AudioFrontend.sequence; measures: (B, T, 4) -> (B, T, 6)."""
+        prev = torch.cat([self.frontend.silence_mel(mel.shape[0])[:, None].to(mel), mel[:, :-1]], dim=1)
+        x = (torch.cat([prev, mel, measures], dim=2) - self.input_mean) / self.input_std
+        z = self.mlp(x)
+        out, _ = self.gru(z)
+        return self.head(torch.cat([out, z], dim=2))
+
+    def sequence(self, samples: Tensor) -> Tensor:
+        """Whole clips from the initial state: samples (B, T * 400) -> features (B, T, 7)."""
+        mel, measures = self.frontend.sequence(samples)
+        prev = torch.cat([self.frontend.silence_mel(mel.shape[0])[:, None], mel[:, :-1]], dim=1)
+        features, _ = self.core(prev, mel, measures, torch.zeros(samples.shape[0], self.config.gru))
+        return features
+
+
 def encode_clip(encoder: nn.Module, samples: Tensor) -> Tensor:
     """Run an encoder tick by tick over a whole clip.
 
@@ -292,6 +477,11 @@ def load_audio_encoder(name: str = "trained") -> nn.Module:
     raise AvatarError(f"unknown audio encoder {name!r}; choose 'trained' or 'dsp'")
 
 
-def load_trained_weights(path: Path) -> nn.Module:
+def load_trained_weights(path: Path) -> AudioEncoder:
     """The AudioEncoder with weights from a file written by engines.train_audio."""
-    raise AvatarError(f"audio encoder weights not found at {path}; run python -m engines.train_audio")
+    if not Path(path).is_file():
+        raise AvatarError(f"audio encoder weights not found at {path}; run python -m engines.train_audio")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    encoder = AudioEncoder(AudioEncoderConfig(**checkpoint["config"]))
+    encoder.load_state_dict(checkpoint["state_dict"])
+    return encoder.eval()

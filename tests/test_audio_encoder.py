@@ -188,3 +188,70 @@ def test_unknown_encoder_name_is_an_avatar_error():
 def test_missing_weights_is_an_avatar_error(tmp_path):
     with pytest.raises(AvatarError, match="train_audio"):
         ae.load_trained_weights(tmp_path / "absent.pt")
+
+
+def test_trained_whole_clip_path_equals_ticks():
+    """AudioEncoder.sequence (used for training and evaluation) is the streaming graph, batched."""
+    encoder = _encoder("trained")
+    clip = _voice()[: 2 * SAMPLE_RATE]
+    with torch.no_grad():
+        whole = encoder.sequence(clip[None])[0].numpy()
+    np.testing.assert_allclose(whole, _run(encoder, clip), atol=1e-5, rtol=0)
+
+
+def test_trained_weights_are_small_and_document_themselves():
+    _encoder("trained")
+    path = ae.WEIGHTS_DIR / "audio_encoder.pt"
+    assert path.stat().st_size < 2_000_000
+    meta = torch.load(path, map_location="cpu", weights_only=True)["metadata"]
+    assert "slt" in meta["held_out"] and meta["command"].startswith("python -m engines.train_audio")
+    heldout = meta["metrics_heldout"]["trained_heard"]
+    # the acceptance bar the weights were trained to; a retrain that misses it must not ship
+    assert heldout["corr_jaw_open"] >= 0.8, heldout
+
+
+# --- training targets (engines/speech_data.py) ------------------------------------------------
+
+speech_data = pytest.importorskip("engines.speech_data")
+
+
+def _frame_at(seconds: float) -> int:
+    return int(seconds * 40)
+
+
+def test_bilabial_closure_is_full_at_its_midpoint_and_released_after():
+    phones = [("pau", 0.0, 0.2), ("aa", 0.2, 0.4), ("b", 0.4, 0.46), ("aa", 0.46, 0.7), ("pau", 0.7, 1.0)]
+    art = speech_data.articulation_targets(phones, 40)
+    closed = art[:, 3]
+    assert closed[_frame_at(0.43)] == pytest.approx(1.0)
+    assert closed[_frame_at(0.3)] == pytest.approx(0.0)
+    assert closed[_frame_at(0.6)] == pytest.approx(0.0)
+    assert art[_frame_at(0.43), 0] < 0.1  # jaw nearly shut while the lips are closed
+    assert art[_frame_at(0.3), 0] > 0.6  # open for "aa"
+
+
+def test_vowel_shapes_and_anticipatory_rounding():
+    phones = [("pau", 0.0, 0.2), ("iy", 0.2, 0.4), ("t", 0.4, 0.46), ("uw", 0.46, 0.7), ("pau", 0.7, 1.0)]
+    art = speech_data.articulation_targets(phones, 40)
+    ee, oo = art[_frame_at(0.3)], art[_frame_at(0.6)]
+    assert ee[1] > 0.6 and ee[2] < 0.1  # "ee": wide, not round
+    assert oo[2] > 0.6 and oo[1] < 0.1  # "oo": round, not wide
+    # rounding for "oo" is already under way during the /t/ before it
+    assert art[_frame_at(0.42), 2] > 0.25
+    assert art[_frame_at(0.95), :3].max() < 0.05  # relaxed in the final pause
+
+
+def test_espeak_phone_events_line_up_with_the_audio():
+    """Phone starts from libespeak-ng's events: stop closures are quiet, vowels loud."""
+    try:
+        espeak = speech_data.Espeak()
+    except OSError:
+        pytest.skip("libespeak-ng is not installed")
+    audio, phones = espeak.synth("Bob bought a map.", speech_data.Voice("espeak", "en-us"))
+    rms = lambda s, e: float(np.sqrt(np.mean(audio[int(s * SAMPLE_RATE):int(e * SAMPLE_RATE)] ** 2)) + 1e-9)
+    vowels = [(s, e) for p, s, e in phones if p in ("aa", "ao")]
+    stops = [(s, e) for p, s, e in phones if p in ("b", "p")]
+    assert vowels and stops
+    loud = np.median([rms(s, e) for s, e in vowels])
+    for s, e in stops:  # the closure (first 60% of the stop) is >= 10 dB below the vowels
+        assert 20 * np.log10(rms(s, s + 0.6 * (e - s)) / loud) < -10
