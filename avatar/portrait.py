@@ -75,6 +75,8 @@ class Portrait:
     background:   (H, W, 3) uint8 RGB, the frame with the person removed and inpainted
     source_hash:  sha256 hex of the source file's bytes
     n_faces:      faces found in the photo; face_index: the one used (0 = largest)
+    source_box:   (4,) float32 x0, y0, x1, y1 of the framed square in the source photo's pixels
+                  (upright, full resolution); it may reach outside the photo, where the frame is filled
     """
 
     image: np.ndarray
@@ -90,6 +92,7 @@ class Portrait:
     source_hash: str
     n_faces: int = 1
     face_index: int = 0
+    source_box: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -136,8 +139,12 @@ def _read_image(path: Path, max_side: int) -> tuple[np.ndarray, float]:
         with Image.open(path) as img:
             full_w, full_h = img.size
             if img.format == "JPEG" and max(full_w, full_h) > max_side:
-                # JPEG decodes at 1/2, 1/4, 1/8 scale in the DCT: the cheap way to shrink huge photos
-                img.draft("RGB", (max_side, max_side))
+                # JPEG decodes at 1/2, 1/4, 1/8 scale in the DCT: the cheap way to shrink huge photos.
+                # Ask for the largest such scale that fits max_side (draft never goes below the ask).
+                r = 2
+                while r < 8 and max(full_w, full_h) / r > max_side:
+                    r *= 2
+                img.draft(img.mode, (math.ceil(full_w / r), math.ceil(full_h / r)))
             img.load()
             img = ImageOps.exif_transpose(img)
             rgb = _to_rgb8(img)
@@ -235,6 +242,7 @@ def _tiles(w: int, h: int, side: int):
     return [(x, y) for y in ys for x in xs]
 
 
+MIN_DETECTION_SCORE = 0.6  # real faces score 0.8-0.95; random noise reaches 0.52 with the short-range model
 MAX_TILES_PER_LEVEL = 40  # bounds the small-face search on very large photos (~25 ms a tile)
 MIN_TILE_SIDE = 384  # the full-range model finds faces down to ~10% of its input: ~40 px here
 
@@ -256,7 +264,7 @@ def _find_faces(image: np.ndarray, near, far) -> list[_Face]:
     faces.sort(key=lambda f: -f.score)
     kept: list[_Face] = []
     for f in faces:
-        if f.score >= 0.5 and all(_iou(f.box, k.box) < 0.3 for k in kept):
+        if f.score >= MIN_DETECTION_SCORE and all(_iou(f.box, k.box) < 0.3 for k in kept):
             kept.append(f)
     kept.sort(key=lambda f: -f.width)
     return kept
@@ -494,8 +502,8 @@ def analyze_portrait(source, *, head_distance: float = DEFAULT_HEAD_DISTANCE,
         frame = _cut(image, crop)
         lm = _pick_mesh(_meshes(mesh, frame), crop.to_frame(face.eyes[[0, 1]]))
         if lm is None:
-            raise AvatarError(f"the face in {name} could not be measured (face mesh failed): use a "
-                              "sharper, frontal, well-lit photo")
+            raise AvatarError(f"no face could be measured in {name} (the face mesh found none where the "
+                              "detector saw one): use a photo where one face is clearly visible, frontal and well lit")
         # pass 2: frame from the mesh (steadier size and centre), at the requested distance
         src = crop.to_source(lm)
         eyes_src = np.stack([src[RIGHT_IRIS[0], :2], src[LEFT_IRIS[0], :2]])
@@ -515,4 +523,6 @@ def analyze_portrait(source, *, head_distance: float = DEFAULT_HEAD_DISTANCE,
     face_box = np.array([*xy.min(axis=0), *xy.max(axis=0)], np.float32)
     return Portrait(image=frame, landmarks=lm.astype(np.float32), face_box=face_box, person_mask=person,
                     background=background, source_hash=source_hash, n_faces=len(faces),
-                    face_index=face_index, **masks)
+                    face_index=face_index,
+                    source_box=np.array([crop.x0, crop.y0, crop.x0 + crop.side, crop.y0 + crop.side],
+                                        np.float32) * np.float32(src_scale), **masks)
