@@ -91,12 +91,13 @@ N_NOISE = NOISE.width
 # ---- state tensors ----------------------------------------------------------------------------
 MOUTH = Slots("jaw", "wide", "round", "press")
 PROSODY = Slots("started", "floor", "activity", "n_speech", "n_voiced", "loud_fast", "loud_avg", "pitch_fast",
-                "pitch_avg", "drive")
+                "pitch_avg", "drive", "boost_avg")
 TIMERS = Slots("silence", "since_boundary", "since_stress", "since_saccade", "since_shift", "blink")  # seconds
 HEAD = Slots("breath_phase", "breath_rate", ("follow", 2))  # follow: head (yaw, pitch) toward the gaze target
 BLINK = Slots("depth", ("shape", 4))  # shape: closing, closed, reopening (s), asymmetry (0..1)
 GAZE = Slots(("eye", 2), ("micro", 2), ("avert", 2), ("wander", 2), "avert_left")  # (yaw, pitch) deg; s
 BROW = Slots("peak", "env")
+NOD = Slots(("pos", 3), ("vel", 3), ("drive", 3))  # damped nod/turn springs (yaw, pitch, roll): deg, deg/s, deg
 
 STATE_SHAPES: tuple[tuple[str, int], ...] = (
     ("controls_a", N_CONTROLS),  # first stage of the controls glide
@@ -106,8 +107,7 @@ STATE_SHAPES: tuple[tuple[str, int], ...] = (
     ("timers", TIMERS.width),
     ("drift_a", len(HEAD_AXES)),  # first stage of the head drift filter, per HEAD_AXES
     ("drift_b", len(HEAD_AXES)),  # second stage
-    ("nod_pos", 3),  # damped nod/turn springs: yaw, pitch, roll (deg)
-    ("nod_vel", 3),  # their velocities (deg/s)
+    ("nod", NOD.width),
     ("head", HEAD.width),
     ("blink", BLINK.width),
     ("gaze", GAZE.width),
@@ -146,8 +146,9 @@ JAW_GATE_WIDTH = 0.1  # loudness span over which the jaw target fades in around 
 # head, degrees (face widths for tx/ty, log for scale); drift std per HEAD_AXES
 DRIFT_TAU = 0.45  # s per stage of the drift filter (x mood smoothing)
 DRIFT_IDLE = (0.7, 0.5, 0.35, 0.003, 0.002, 0.003)
-DRIFT_TALK = (2.2, 1.6, 0.9, 0.006, 0.004, 0.006)
+DRIFT_TALK = (2.6, 2.0, 0.9, 0.006, 0.004, 0.006)
 NOD_HZ, NOD_DAMPING = 2.2, 0.7  # a nod lasts ~0.4 s with a small rebound
+NOD_DRIVE_TAU = 0.1  # s: the spring is pushed by a decaying pulse, so a nod starts without a jerk
 # kick sizes (yaw, pitch, roll), uniform between low and high, scaled by the accent's strength:
 # a stressed syllable tips the chin down with a little turn; a phrase onset lifts it and turns more
 NOD_STRESS = ((-1.5, 1.2, -0.6), (1.5, 3.2, 0.6))
@@ -174,7 +175,7 @@ AVERT_UP = 0.7  # share of aversions that go up (the rest down)
 AVERT_PITCH = (1.0, 3.0)  # base + up to extra
 AVERT_DURATION = (0.8, 1.7)  # s: base + up to extra
 AVERT_END_SILENCE = 0.15  # s of silence that brings the eyes back
-SHIFT_DEG = 2.5  # a gaze jump at least this big (|yaw| + |pitch|) counts as a gaze shift
+SHIFT_DEG = 4.0  # a gaze jump this big (|yaw| + |pitch|) is a gaze shift (aversions, new targets), not a micro-saccade
 WANDER_RATE = 0.3  # per s: a new random target with gaze "wander"
 WANDER = (8.0, 4.0)
 VOR_GAIN = 0.9  # eyes counter-rotate against head motion to hold the line of sight
@@ -192,16 +193,18 @@ BLINK_ASYM = 0.06  # the right lid closes up to 6% less: both eyes together, nev
 SHIFT_BOOST = 2.0  # hazard x (1 + this) within BOOST_S after a gaze shift
 BOUNDARY_BOOST = 3.0  # and x (1 + this) within BOOST_S of a phrase start or end
 BOOST_S = 0.5
-RATE_CORRECTION = 0.9  # the boosts add blinks; measured: this keeps the mean on the set rate
+BOOST_AVG_TAU = 10.0  # s: the hazard is divided by the boost's running mean, so boosts move blinks
+                      # toward boundaries and shifts without changing how many there are
 
 # brows
-BROW_STRESS = (0.12, 0.3)  # raise on a stressed syllable: base + up to extra, x brow gain x strength
+BROW_STRESS_SHARE = 0.6  # of stressed syllables that raise the brows (people do not flash at every one)
+BROW_STRESS = (0.2, 0.25)  # that raise: base + up to extra, x brow gain x strength
 BROW_ONSET = 0.25  # raise at a phrase onset (on 60% of them)
 BROW_PITCH = 0.8  # raise per octave of pitch above the running average (questions rise)
-BROW_PITCH_DEADBAND = 0.1
+BROW_PITCH_DEADBAND = 0.2
 BROW_HOLD_TAU = 0.3
 BROW_SHAPE = (0.6, 1.0, 0.93, 0.0)  # inner up, outer up left, outer up right, down: per unit raise
-A_BROW_UP, A_BROW_DOWN = _alpha(0.04), _alpha(0.35)
+A_BROW_UP, A_BROW_DOWN = _alpha(0.06), _alpha(0.35)  # a brow flash rises in ~150 ms
 
 # where channels sit in the motion vector
 CH = {name: i for i, name in enumerate(NAMES)}
@@ -218,13 +221,18 @@ ADDED_LAST = tuple(n for n in NAMES if n not in HEAD_AXES + ("jaw_open", "blink_
                                                             "gaze_yaw", "gaze_pitch"))
 
 
+def _nod_step(pos, vel, drive):
+    """One frame of the nod spring: pushed toward `drive` (a decaying pulse), critically-ish damped."""
+    w = 2.0 * math.pi * NOD_HZ
+    vel = vel + DT * (w * w * (drive - pos) - 2.0 * NOD_DAMPING * w * vel)
+    return pos + DT * vel, vel, drive * math.exp(-DT / NOD_DRIVE_TAU)
+
+
 def _nod_kick_gain() -> float:
-    """Velocity impulse (deg/s per deg) that makes the damped nod spring peak at the kick's size."""
-    w = 2 * math.pi * NOD_HZ
-    pos, vel, peak = 0.0, 1.0, 0.0
+    """Pulse height per degree that makes the nod spring peak at the kick's size."""
+    pos, vel, drive, peak = 0.0, 0.0, 1.0, 0.0
     for _ in range(FPS):
-        vel += DT * (-2 * NOD_DAMPING * w * vel - w * w * pos)
-        pos += DT * vel
+        pos, vel, drive = _nod_step(pos, vel, drive)
         peak = max(peak, pos)
     return 1.0 / peak
 
@@ -275,14 +283,15 @@ class MotionGenerator(nn.Module):
         """The state before the first frame: silent for long, eyes open, nothing in motion."""
         state = {name: torch.zeros(batch, width) for name, width in STATE_SHAPES}
         state["prosody"][:, PROSODY.slices["floor"]] = SPEECH_LOUDNESS - FLOOR_MARGIN
+        state["prosody"][:, PROSODY.slices["boost_avg"]] = 1.0
         state["timers"][:] = LONG_AGO
         # a finished blink of depth 0, so the shape's divisions are never by zero
         state["blink"][:, BLINK.slices["shape"]] = torch.tensor(BLINK_SHAPE[1])
         return tuple(state[name] for name in STATE_NAMES)
 
     def forward(self, features: Tensor, controls: Tensor, noise: Tensor, controls_a: Tensor, controls_b: Tensor,
-                mouth: Tensor, prosody: Tensor, timers: Tensor, drift_a: Tensor, drift_b: Tensor, nod_pos: Tensor,
-                nod_vel: Tensor, head: Tensor, blink: Tensor, gaze: Tensor, brow: Tensor) -> tuple[Tensor, ...]:
+                mouth: Tensor, prosody: Tensor, timers: Tensor, drift_a: Tensor, drift_b: Tensor, nod: Tensor,
+                head: Tensor, blink: Tensor, gaze: Tensor, brow: Tensor) -> tuple[Tensor, ...]:
         """features (B, 7), controls (B, N_CONTROLS), noise (B, N_NOISE), state per STATE_SHAPES
         -> motion (B, N_CHANNELS), then the new state in STATE_SHAPES order."""
         f = dict(zip(ARTICULATION, features.split(1, dim=1)))  # (B, 1) each
@@ -379,10 +388,8 @@ class MotionGenerator(nn.Module):
         stress_kick = (self.stress_low + self.stress_span * n["nod"]) * strength
         onset_kick = self.onset_low + self.onset_span * n["nod"]
         kick = (stress_kick * stress + onset_kick * onset) * (c["nod_gain"] * expr * NOD_KICK)
-        w = 2.0 * math.pi * NOD_HZ
-        nod_vel = nod_vel + kick
-        nod_vel = nod_vel + DT * (-2.0 * NOD_DAMPING * w * nod_vel - w * w * nod_pos)
-        nod_pos = nod_pos + DT * nod_vel
+        nods = NOD.unpack(nod)
+        nod_pos, nod_vel, nod_drive = _nod_step(nods["pos"], nods["vel"], nods["drive"] + kick)
 
         breath_rate = h["breath_rate"].lerp(SQRT12 * (n["breath"] - 0.5), _alpha(BREATH_RATE_TAU))
         rate_std = math.sqrt(_alpha(BREATH_RATE_TAU) / (2.0 - _alpha(BREATH_RATE_TAU)))
@@ -398,8 +405,8 @@ class MotionGenerator(nn.Module):
         # ---- brows: raised at accents and onsets, following pitch rises ----------------------------
         br = BROW.unpack(brow)
         brow_gain = c["brow_gain"] * expr
-        brow_kick = (BROW_STRESS[0] + BROW_STRESS[1] * n["brow"]) * strength * stress + BROW_ONSET * (
-            onset & (n["brow"] > 0.4))
+        brow_kick = ((BROW_STRESS[0] + BROW_STRESS[1] / BROW_STRESS_SHARE * n["brow"]) * strength
+                     * (stress & (n["brow"] < BROW_STRESS_SHARE)) + BROW_ONSET * (onset & (n["brow"] > 0.4)))
         peak = torch.maximum(br["peak"] * torch.exp(-DT / (BROW_HOLD_TAU * c["smoothing"])), brow_kick * brow_gain)
         rise = BROW_PITCH * torch.relu(pitch_fast - pitch_avg - BROW_PITCH_DEADBAND) * voiced
         goal = torch.maximum(peak, rise * brow_gain)
@@ -407,10 +414,11 @@ class MotionGenerator(nn.Module):
 
         # ---- blinks: a renewal process with a sampled shape ----------------------------------------
         b = BLINK.unpack(blink)
-        rate = c["blink_rate"] * (1.0 + TALK_BLINK_GAIN * activity) * RATE_CORRECTION  # per minute
+        rate = c["blink_rate"] * (1.0 + TALK_BLINK_GAIN * activity)  # per minute
         gap = (60.0 / rate.clamp(min=0.01) - (MEAN_BLINK_S + BLINK_REFRACTORY)).clamp(min=0.1)  # mean wait, s
         boost = 1.0 + SHIFT_BOOST * (since_shift < BOOST_S) + BOUNDARY_BOOST * (since_boundary < BOOST_S)
-        hazard = (1.0 - torch.exp(-DT * boost / gap)) * (rate > 0.01)
+        boost_avg = p["boost_avg"].lerp(boost, _alpha(BOOST_AVG_TAU))
+        hazard = (1.0 - torch.exp(-DT / gap * (boost / boost_avg))) * (rate > 0.01)
         ready = ages["blink"] > b["shape"][:, :3].sum(dim=1, keepdim=True) + BLINK_REFRACTORY
         start = ready & (n["blink_hazard"] < hazard)
         partial = n["blink_depth"] < PARTIAL_SHARE
@@ -435,12 +443,14 @@ class MotionGenerator(nn.Module):
 
         prosody = PROSODY.pack(dict(
             started=torch.ones_like(zero), floor=floor, activity=activity, n_speech=n_speech, n_voiced=n_voiced,
-            loud_fast=loud_fast, loud_avg=loud_avg, pitch_fast=pitch_fast, pitch_avg=pitch_avg, drive=drive))
+            loud_fast=loud_fast, loud_avg=loud_avg, pitch_fast=pitch_fast, pitch_avg=pitch_avg, drive=drive,
+            boost_avg=boost_avg))
         timers = TIMERS.pack(dict(silence=silence, since_boundary=since_boundary, since_stress=since_stress,
                                   since_saccade=since_saccade, since_shift=since_shift, blink=t))
         mouth = MOUTH.pack(dict(jaw=jaw, wide=wide, round=round_, press=press))
         head = HEAD.pack(dict(breath_phase=phase, breath_rate=breath_rate, follow=follow))
         gaze = GAZE.pack(dict(eye=eye, micro=micro, avert=avert, wander=wander, avert_left=avert_left))
         brow = BROW.pack(dict(peak=peak, env=env))
-        return (motion, controls_a, controls_b, mouth, prosody, timers, drift_a, drift_b, nod_pos, nod_vel, head,
-                blink, gaze, brow)
+        nod = NOD.pack(dict(pos=nod_pos, vel=nod_vel, drive=nod_drive))
+        return (motion, controls_a, controls_b, mouth, prosody, timers, drift_a, drift_b, nod, head, blink, gaze,
+                brow)
