@@ -294,7 +294,7 @@ def test_face_index_out_of_range(astro_rgb):
 
 
 def test_no_face_in_coffee():
-    from skimage import data
+    data = pytest.importorskip("skimage.data", reason="scikit-image provides the coffee photo")
     with pytest.raises(AvatarError, match="no face found"):
         analyze_portrait(np.ascontiguousarray(data.coffee()))
 
