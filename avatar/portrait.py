@@ -308,9 +308,33 @@ def _framing(eye_mid: np.ndarray, face_center_x: float, face_width: float, head_
                  float(side))
 
 
-def _cut(image: np.ndarray, crop: _Crop) -> np.ndarray:
-    """Resample `crop` of `image` to FRAME_SIZE^2. Where the crop leaves the photo, the photo is
-    mirrored at its edge and blurred with distance, so a padded frame shows no hard bars."""
+def _push_pull(img: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Smoothly extrapolate `img` (H, W, 3) float32 from pixels where `weight` (H, W) is 1 into
+    those where it is 0: a weighted image pyramid down to 1 px, then back up, each level
+    keeping its own known pixels and taking the coarser level's colour where it has none."""
+    levels = []
+    v, w = img * weight[:, :, None], weight.astype(np.float32)
+    while max(v.shape[:2]) > 1:
+        levels.append((v, w))
+        size = (max(1, v.shape[1] // 2), max(1, v.shape[0] // 2))
+        v = cv2.resize(v, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0], 3)
+        w = cv2.resize(w, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0])
+    cur = v / np.maximum(w, 1e-6)[:, :, None]
+    for v, w in reversed(levels):
+        up = cv2.resize(cur, (v.shape[1], v.shape[0]), interpolation=cv2.INTER_LINEAR).reshape(v.shape)
+        a = np.clip(w, 0, 1)[:, :, None]
+        cur = np.where(a > 1e-6, v / np.maximum(a, 1e-6), 0) * a + up * (1 - a)
+    return cur
+
+
+EDGE_BAND = 16.0  # frame px beyond the photo's edge over which the mirror fades into a smooth fill
+
+
+def _cut(image: np.ndarray, crop: _Crop) -> tuple[np.ndarray, np.ndarray]:
+    """Resample `crop` of `image` to FRAME_SIZE^2 -> (frame, beyond). `beyond` (H, W) float32 is
+    0 inside the photo and rises to 1 within EDGE_BAND px outside it. There the photo is
+    mirrored at its edge, fading into a smooth extrapolation of its border colours: a mirror
+    alone would repeat the face as ghosts beside a tightly cropped head."""
     h, w = image.shape[:2]
     x0, y0, side = int(crop.x0), int(crop.y0), int(crop.side)
     left, top = max(0, -x0), max(0, -y0)
@@ -318,29 +342,30 @@ def _cut(image: np.ndarray, crop: _Crop) -> np.ndarray:
     inside = image[max(0, y0):min(h, y0 + side), max(0, x0):min(w, x0 + side)]
     if inside.size == 0:
         raise AvatarError("the face lies outside the photo after framing: use a smaller head distance")
-    region = inside
-    if left or right or bottom:
-        # below and beside the photo the body and the wall continue: mirror them
-        region = cv2.copyMakeBorder(region, 0, bottom, left, right, cv2.BORDER_REFLECT_101)
-    if top:
-        # above it, a mirror would repeat the hair as a second head: stretch the top row instead
-        region = cv2.copyMakeBorder(region, top, 0, 0, 0, cv2.BORDER_REPLICATE)
+    region = cv2.copyMakeBorder(inside, top, bottom, left, right, cv2.BORDER_REFLECT_101) \
+        if left or top or right or bottom else inside
     interp = cv2.INTER_AREA if side > FRAME_SIZE else cv2.INTER_CUBIC
     frame = cv2.resize(region, (FRAME_SIZE, FRAME_SIZE), interpolation=interp)
     if not (left or top or right or bottom):
-        return frame
-    # distance (frame px) outside the photo's footprint -> blend toward a heavy blur
+        return frame, np.zeros((FRAME_SIZE, FRAME_SIZE), np.float32)
+    # distance (frame px) outside the photo's footprint
     s = FRAME_SIZE / side
     u = (np.arange(FRAME_SIZE, dtype=np.float32) + 0.5) / s + x0  # source x of each frame column
     v = (np.arange(FRAME_SIZE, dtype=np.float32) + 0.5) / s + y0
     dx = np.maximum(np.maximum(0 - u, u - w), 0) * s
     dy = np.maximum(np.maximum(0 - v, v - h), 0) * s
-    dist = np.hypot(dx[None, :], dy[:, None])
-    alpha = np.clip(dist / 24.0, 0, 1)[:, :, None]  # fully blurred 24 frame px beyond the edge
-    blurred = cv2.GaussianBlur(frame, (0, 0), 9)
-    blurred = cv2.GaussianBlur(blurred, (0, 0), 9)
-    out = frame.astype(np.float32) * (1 - alpha) + blurred.astype(np.float32) * alpha
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    beyond = np.clip(np.hypot(dx[None, :], dy[:, None]) / EDGE_BAND, 0, 1).astype(np.float32)
+    small = 128  # the smooth fill needs no detail
+    f_small = cv2.resize(frame, (small, small), interpolation=cv2.INTER_AREA).astype(np.float32)
+    known = (cv2.resize(beyond, (small, small), interpolation=cv2.INTER_AREA) == 0).astype(np.float32)
+    smooth = cv2.GaussianBlur(_push_pull(f_small, known), (0, 0), 2.0)
+    smooth = cv2.resize(smooth, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_CUBIC)
+    mirror = cv2.GaussianBlur(frame, (0, 0), 3).astype(np.float32)
+    a = beyond[:, :, None]
+    near = np.clip(beyond * 4, 0, 1)[:, :, None]  # the mirror softens within a few px of the edge
+    out = frame.astype(np.float32) * (1 - near) + mirror * near
+    out = out * (1 - a) + smooth * a
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), beyond
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +458,7 @@ INPAINT_SIDE = 64  # the hole is filled at this resolution: a wall needs no fine
 HOLE_DILATE = 0.06  # of the frame side: head motion (±15° yaw, ±0.15 face widths) reveals this much
 
 
-def _background(frame: np.ndarray, person: np.ndarray) -> np.ndarray:
+def _background(frame: np.ndarray, person: np.ndarray, beyond: np.ndarray) -> np.ndarray:
     """The frame with the person replaced by an inpainted continuation of what surrounds it.
 
     Compared by eye on the astronaut (wall, flag, shuttle model) and Grace Hopper (flag, blue
@@ -444,6 +469,7 @@ def _background(frame: np.ndarray, person: np.ndarray) -> np.ndarray:
     r = max(1, round(HOLE_DILATE * FRAME_SIZE))
     hole = (person > 0.2).astype(np.uint8)
     hole = cv2.dilate(hole, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    hole |= (beyond > 0).astype(np.uint8)  # beyond the photo there is no real wall to keep
     small = cv2.resize(frame, (INPAINT_SIDE, INPAINT_SIDE), interpolation=cv2.INTER_AREA)
     small_hole = cv2.resize(hole.astype(np.float32), (INPAINT_SIDE, INPAINT_SIDE),
                             interpolation=cv2.INTER_AREA) > 0.0
@@ -518,7 +544,7 @@ def analyze_portrait(source, *, head_distance: float = DEFAULT_HEAD_DISTANCE,
         # pass 1: frame from the detection box (its width is ~0.8x the face-oval width)
         eye_mid = face.eyes.mean(axis=0)
         crop = _framing(eye_mid, float(eye_mid[0]), face.width / 0.8, 1.0)
-        frame = _cut(image, crop)
+        frame, _ = _cut(image, crop)
         lm = _pick_mesh(_meshes(mesh, frame), crop.to_frame(face.eyes[[0, 1]]))
         if lm is None:
             raise AvatarError(f"no face could be measured in {name} (the face mesh found none where the "
@@ -528,7 +554,7 @@ def analyze_portrait(source, *, head_distance: float = DEFAULT_HEAD_DISTANCE,
         eyes_src = np.stack([src[RIGHT_IRIS[0], :2], src[LEFT_IRIS[0], :2]])
         center_x = float(src[list(FACE_OVAL), 0].mean())
         crop = _framing(eyes_src.mean(axis=0), center_x, _face_width(src), head_distance)
-        frame = _cut(image, crop)
+        frame, beyond = _cut(image, crop)
         lm = _pick_mesh(_meshes(mesh, frame), crop.to_frame(eyes_src))
         if lm is None:
             raise AvatarError(f"the face in {name} could not be measured at head distance "
@@ -537,7 +563,11 @@ def analyze_portrait(source, *, head_distance: float = DEFAULT_HEAD_DISTANCE,
     masks = _masks(lm)
     with sol.selfie_segmentation.SelfieSegmentation(model_selection=0) as seg:
         person = _person_mask(seg, frame, masks["face_mask"])
-    background = _background(frame, person)
+    background = _background(frame, person, beyond)
+    if beyond.any():
+        # beyond the photo, where no person is, show the wall continued from the real wall
+        a = (beyond * (1 - person))[:, :, None]
+        frame = np.clip(frame * (1 - a) + background * a + 0.5, 0, 255).astype(np.uint8)
     xy = lm[:, :2]
     face_box = np.array([*xy.min(axis=0), *xy.max(axis=0)], np.float32)
     return Portrait(image=frame, landmarks=lm.astype(np.float32), face_box=face_box, person_mask=person,
