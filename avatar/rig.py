@@ -310,7 +310,7 @@ def expression_basis(lm: np.ndarray, frame: FaceFrame) -> dict[str, np.ndarray]:
     d[lower_in, 1] = 0.02 * centre_weight[lower_in]
     d[lower_out, 1] = 0.01 * centre_weight[lower_out]
     d[upper_in, 1] = -0.006 * centre_weight[upper_in]
-    d[idx(MOUTH_CORNERS), 0] = -0.02 * np.sign(u[idx(MOUTH_CORNERS)])
+    d[:, 0] += -0.035 * np.clip(u / a, -1.3, 1.3) * mouth_zone  # the mouth narrows as it opens
     out["jaw_open"] = frame.to_px(d, dz)
     return out
 
@@ -321,8 +321,14 @@ def jaw_weights(lm: np.ndarray, frame: FaceFrame) -> np.ndarray:
     uv = frame.local(lm)
     u, v = uv[:, 0], uv[:, 1]
     w = _smoothstep((v + 0.02) / 0.12)  # ramps in from just above the mouth line to below it
-    w[list(LIPS_UPPER_OUTER + LIPS_UPPER_INNER)] = 0.0
-    w[list(LIPS_LOWER_OUTER[1:-1] + LIPS_LOWER_INNER[1:-1])] = 1.0
+    # the upper lip stays with the skull in the middle and is drawn down toward the corners
+    upper_lip = list(LIPS_UPPER_OUTER + LIPS_UPPER_INNER)
+    a = abs(uv[291, 0] - uv[61, 0]) / 2
+    w[upper_lip] = 0.5 * _smoothstep((np.abs(u[upper_lip]) / a - 0.3) / 0.7)
+    # along the lower lip from half at the corners to all of it in the middle, so the opening
+    # tapers into the corners instead of tearing there
+    lower_lip = list(LIPS_LOWER_OUTER[1:-1] + LIPS_LOWER_INNER[1:-1])
+    w[lower_lip] = 0.5 + 0.5 * np.clip(1.0 - (u[lower_lip] / a) ** 2, 0.0, 1.0) ** 0.5
     w[list(MOUTH_CORNERS)] = 0.5
     w[list(IRIS)] = 0.0
     return w
@@ -371,17 +377,196 @@ def tps_operator(ctrl: np.ndarray, targets: np.ndarray, scale: float) -> np.ndar
     return inv[:, :k]
 
 
-def _head_weight(shape, ring: np.ndarray, lm: np.ndarray, frame: FaceFrame) -> np.ndarray:
-    """1 on the head (inside the silhouette ring and the jaw), fading to 0 a third of a face
-    width outside, so the warp leaves the shoulders and the room alone."""
+def _still_region(person: np.ndarray, lm: np.ndarray, frame: FaceFrame, x0: int, y0: int, win: int) -> np.ndarray:
+    """Where the person must not move (bool, frame-sized): the body below the neck, and the
+    person where it crosses the head window's border (outside the window the photo is shown as is)."""
+    size = person.shape[0]
+    ys, xs = np.mgrid[0:size, 0:size]
+    chin = lm[152, :2]
+    below_neck = (ys - chin[1]) * frame.ey[1] + (xs - chin[0]) * frame.ey[0] > 0.3 * frame.fw
+    jaw_x = lm[list(JAWLINE), 0]
+    beside_neck = (xs < jaw_x.min() - 0.1 * frame.fw) | (xs > jaw_x.max() + 0.1 * frame.fw)
+    below_ears = ys > max(lm[234, 1], lm[454, 1]) + 0.25 * frame.fw
+    body = (person > 0.5) & (below_neck | (beside_neck & below_ears))
+    band = 6
+    inside = (ys >= y0 + band) & (ys < y0 + win - band) & (xs >= x0 + band) & (xs < x0 + win - band)
+    return body | (~inside & (person > 0.05))
+
+
+def _motion_weight(still: np.ndarray, frame: FaceFrame) -> np.ndarray:
+    """0 on the still region, 1 a third of a face width away from it, smooth in between."""
     import cv2
 
-    jaw = lm[list(JAWLINE), :2]
-    poly = np.concatenate([ring, jaw[::-1]])
-    head = np.zeros(shape, np.uint8)
-    cv2.fillPoly(head, [np.round(poly).astype(np.int32)], 1)
-    dist = cv2.distanceTransform(1 - head, cv2.DIST_L2, 5)
-    return 1.0 - _smoothstep(dist / (0.35 * frame.fw))
+    dist = cv2.distanceTransform((~still).astype(np.uint8), cv2.DIST_L2, 5)
+    return _smoothstep(dist / (0.35 * frame.fw))
+
+
+TEETH_EDGES_FW = (0.0, 0.06, 0.105, 0.14, 0.17, 0.2, 0.23)  # tooth boundaries from the midline, frontal
+UPPER_TOOTH_SHOW_FW = 0.025  # upper incisors hang this far below the upper lip's inner line
+LOWER_TOOTH_SHOW_FW = 0.008  # lower incisors reach this far above the lower lip's inner line
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def _polyline_distance(p: np.ndarray, line: np.ndarray) -> np.ndarray:
+    """Distance of points (N, 2) to a polyline (M, 2), vectorised over segments."""
+    a, b = line[:-1], line[1:]
+    ab = b - a
+    t = np.clip(((p[:, None, :] - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12), 0, 1)
+    closest = a + t[..., None] * ab
+    return np.sqrt(((p[:, None, :] - closest) ** 2).sum(-1)).min(1)
+
+
+def _lip_line(uv: np.ndarray, ids, reach: float) -> np.ndarray:
+    """An inner lip line in face coordinates, extended straight beyond the corners by `reach`."""
+    pts = uv[list(ids)]
+    pts = pts[np.argsort(pts[:, 0])]
+    return np.concatenate([pts[:1] - [reach, 0.0], pts, pts[-1:] + [reach, 0.0]])
+
+
+def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tuple[int, int],
+                 width: int, height: int, feather_px: float) -> dict[str, np.ndarray]:
+    """The mouth's layers on a source crop (height, width) at `origin` (frame px).
+
+    Returns lip_upper / lip_lower (H, W, 4): the mouth-inpainted photo + signed distance (px, + on
+    that lip's side) to the inner lip line; teeth_upper (H, W, 5) and teeth_lower (H, W, 4):
+    premultiplied RGBA (+ the cavity's shading factor for the upper); cavity (3,) RGB.
+    """
+    import cv2
+
+    fw = frame.fw
+    ys, xs = np.mgrid[origin[1]:origin[1] + height, origin[0]:origin[0] + width]
+    p = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
+    uv = frame.local(p)
+    luv = frame.local(lm)
+    upper = _lip_line(luv, LIPS_UPPER_INNER, 0.5)
+    lower = _lip_line(luv, LIPS_LOWER_INNER, 0.5)
+    v_up = np.interp(uv[:, 0], upper[:, 0], upper[:, 1])
+    v_low = np.interp(uv[:, 0], lower[:, 0], lower[:, 1])
+    sd_up = _polyline_distance(uv, upper) * np.where(uv[:, 1] < v_up, 1.0, -1.0) * fw
+    sd_low = _polyline_distance(uv, lower) * np.where(uv[:, 1] > v_low, 1.0, -1.0) * fw
+    shape = (height, width)
+    sd_up, sd_low = sd_up.reshape(shape), sd_low.reshape(shape)
+    u = uv[:, 0].reshape(shape)
+    crop = img[origin[1]:origin[1] + height, origin[0]:origin[0] + width].astype(np.float64)
+    interior = (sd_up < 0) & (sd_low < 0)
+    depth_up, depth_low = np.maximum(-sd_up, 0), np.maximum(-sd_low, 0)
+    t = depth_up / np.maximum(depth_up + depth_low, 1e-6)  # 0 at the upper lip, 1 at the lower
+
+    # the photo with the inside of the mouth filled by the lips' own colour, stretched across from
+    # a few pixels inside each lip, so a moving lip never drags the teeth along
+    a_corner = np.abs(luv[[78, 308], 0]).max()
+    on_up = np.stack([u.ravel(), np.interp(u.ravel(), upper[:, 0], upper[:, 1]) - 3.0 / fw], 1)
+    on_low = np.stack([u.ravel(), np.interp(u.ravel(), lower[:, 0], lower[:, 1]) + 3.0 / fw], 1)
+
+    def to_crop(q):
+        px = frame.origin + q[:, :1] * frame.ex * fw + q[:, 1:2] * frame.ey * fw
+        return (px - origin).astype(np.float32).reshape(height, width, 2)
+
+    src = crop.astype(np.float32)
+    col_up = cv2.remap(src, to_crop(on_up), None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    col_low = cv2.remap(src, to_crop(on_low), None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    fill = col_up * (1 - t[..., None]) + col_low * t[..., None]
+    deep = (depth_up > feather_px + 0.5) & (depth_low > feather_px + 0.5)
+    inpainted = np.where(deep[..., None], fill, crop)
+
+    # colours: the cavity from the photo's darkest mouth pixels, the teeth from its brightest
+    lum = crop @ LUMA
+    inside_px = crop[interior]
+    lip_colour = np.median(crop[(sd_up > 1) & (sd_up < 0.03 * fw) & (np.abs(u) < a_corner * 0.6)], axis=0)
+    if len(inside_px) >= 30:
+        order = np.argsort(lum[interior])
+        cavity = np.median(inside_px[order[:max(len(order) // 7, 5)]], axis=0)
+        bright = inside_px[order[-max(len(order) // 3, 5):]]
+        teeth_colour = np.median(bright, axis=0)
+    else:
+        cavity = lip_colour * 0.25
+        teeth_colour = np.array([236.0, 228.0, 212.0]) * np.clip(np.median(lum) / 170.0, 0.6, 1.1)
+    cavity = cavity * min(1.0, 45.0 / max(cavity @ LUMA, 1e-3))
+    if teeth_colour @ LUMA < 120:  # dark "teeth" were a shadow: use a default
+        teeth_colour = np.array([236.0, 228.0, 212.0]) * np.clip(np.median(lum) / 170.0, 0.6, 1.1)
+
+    au = np.abs(u)
+    # the photo's visible upper teeth: bright pixels inside the mouth. Per column, everything down
+    # to their biting edge rides the skull; what lies below it (lower teeth, the gap, the lower
+    # lip's inner edge) rides the jaw
+    lum_cav, lum_teeth = cavity @ LUMA, teeth_colour @ LUMA
+    chroma = (crop.max(-1) - crop.min(-1)) / np.maximum(crop.max(-1), 1.0)
+    is_teeth = interior & (lum > 0.5 * (lum_cav + lum_teeth)) & (chroma < 0.22)  # whitish, not lip pink
+    # per column: the first run of teeth from the top ends at the biting edge; columns with no
+    # teeth (dark corners) ride the skull whole
+    t_split = np.ones(width)
+    for x in range(width):
+        col = is_teeth[:, x]
+        rows = np.nonzero(col)[0]
+        if len(rows) < 2:
+            continue
+        end = rows[0]
+        while end + 1 < height and (col[end + 1] or (end + 2 < height and col[end + 2])):
+            end += 1
+        gap_here = max(depth_up[end, x] + depth_low[end, x], 1.0)
+        t_split[x] = t[end, x] + 1.0 / gap_here
+    # a column's edge never sits above its neighbours' (a stray dark pixel must not cut a tooth)
+    t_split = np.max(np.stack([np.roll(np.pad(t_split, 2, mode="edge"), k)[2:-2] for k in range(-2, 3)]), 0)
+    t_split = np.clip(t_split, 0.3, 1.0)[None, :]
+    gap_px = depth_up + depth_low
+    below = (t - t_split) * gap_px  # px below the split line
+    photo_up = interior * _smoothstep(2.0 - below)  # 1 down to 1 px below the split, then fades
+    photo_low = interior * _smoothstep(below + 1.0)  # opaque from the split line down
+
+    # synthetic teeth for what the photo does not show: stripes per tooth, darker as they recede;
+    # the upper ones continue the photo's own teeth upward where it shows any
+    edges = np.array(TEETH_EDGES_FW)
+    k = np.clip(np.searchsorted(edges, au) - 1, 0, len(edges) - 2)
+    tooth_w = edges[k + 1] - edges[k]
+    pos = (au - edges[k]) / tooth_w  # 0..1 across a tooth
+    gap_line = np.exp(-((np.minimum(pos, 1 - pos) * tooth_w * fw) ** 2) / (2 * 0.6 ** 2))
+    recede = np.clip(1.0 - (au / (a_corner * 1.05)) ** 2, 0.0, 1.0)
+    rounding = 0.15 * (2 * pos - 1) ** 2 * tooth_w * fw  # each biting edge slightly rounded
+
+    def teeth(sd, show_px, root_px, arch):
+        tip = show_px * (0.6 + 0.4 * recede) - rounding
+        body = _smoothstep((sd + tip) / 1.0) * _smoothstep((root_px - sd) / 2.0)
+        body = body * _smoothstep((arch - au) / 0.02)
+        shade = (0.45 + 0.55 * recede ** 0.7) * (1.0 - 0.12 * gap_line)
+        return body, shade
+
+    up_body, up_shade = teeth(sd_up, UPPER_TOOTH_SHOW_FW * fw, 0.08 * fw, a_corner * 1.05)
+    up_rgb = teeth_colour * up_shade[..., None]
+    # where the photo shows teeth right under the lip, continue that column of teeth upward
+    probe = np.stack([u.ravel(), np.interp(u.ravel(), upper[:, 0], upper[:, 1]) + 4.0 / fw], 1)
+    column = cv2.remap(src, to_crop(probe), None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    column_is_teeth = cv2.remap(is_teeth.astype(np.float32), to_crop(probe), None, cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_CONSTANT)
+    column_is_teeth = cv2.GaussianBlur(column_is_teeth, (0, 0), 1.5)[..., None]
+    up_rgb = column * column_is_teeth + up_rgb * (1 - column_is_teeth)
+    up_rgb *= (1.0 - 0.15 * _smoothstep(sd_up / (0.06 * fw)))[..., None]  # toward the gums
+    gum = _smoothstep((sd_up - 0.055 * fw) / (0.01 * fw))[..., None]
+    up_rgb = up_rgb * (1 - gum) + lip_colour * 0.85 * gum
+    low_body, low_shade = teeth(sd_low, LOWER_TOOTH_SHOW_FW * fw, 0.06 * fw, a_corner * 0.75)
+    low_rgb = teeth_colour * (0.85 * low_shade)[..., None]  # in the upper teeth's shadow
+
+    # tongue: a soft mound behind the lower teeth, lip-coloured, darker toward the throat
+    tv = (sd_low - 0.01 * fw) / (0.06 * fw)
+    tongue = _smoothstep((1.0 - np.sqrt((u / (0.75 * a_corner)) ** 2 + tv ** 2)) / 0.3)
+    tongue_rgb = lip_colour * (0.5 + 0.3 * _smoothstep(tv + 0.5))[..., None]
+
+    def over(fg_rgb, fg_a, bg_rgb, bg_a):
+        """Straight-alpha foreground over a premultiplied background -> premultiplied."""
+        return fg_rgb * fg_a[..., None] + bg_rgb * (1 - fg_a[..., None]), fg_a + bg_a * (1 - fg_a)
+
+    tu_rgb, tu_a = over(crop, photo_up, up_rgb * up_body[..., None], up_body)
+    tl_rgb, tl_a = over(low_rgb, low_body, tongue_rgb * tongue[..., None], tongue)
+    tl_rgb, tl_a = over(crop, photo_low, tl_rgb, tl_a)
+    # the cavity: darkest high up under the upper teeth and deep in the middle
+    cav_shade = 0.8 + 0.2 * _smoothstep((au / a_corner - 0.4) / 0.6) - 0.2 * _smoothstep(-sd_up / (0.06 * fw))
+    return {
+        "lip_upper": np.dstack([inpainted, sd_up]),
+        "lip_lower": np.dstack([inpainted, sd_low]),
+        "teeth_upper": np.dstack([tu_rgb, tu_a, cav_shade]),
+        "teeth_lower": np.dstack([tl_rgb, tl_a]),
+        "cavity": cavity,
+        "mouth_half_width": a_corner,
+    }
 
 
 def build_rig(portrait) -> Rig:
@@ -396,15 +581,13 @@ def build_rig(portrait) -> Rig:
     fw = frame.fw
     person = portrait.person_mask.astype(np.float32)
 
-    # -- the head window: a fixed-size square over the head, kept inside the frame
+    # -- the head window: a fixed-size square over the head (hair top first), inside the frame
     ring = hair_ring(person, lm, frame)
     chin = lm[152, :2]
-    top = min(ring[:, 1].min(), lm[:, 1].min())
-    bottom = chin[1] + 0.45 * fw
-    cx = (lm[234, 0] + lm[454, 0]) / 2
-    cy = (top + bottom) / 2
+    top = min(ring[:, 1].min(), lm[:, 1].min()) - 0.2 * fw
+    cx = (ring[:, 0].min() + ring[:, 0].max()) / 2
     x0 = int(np.clip(round(cx - fd.WIN / 2), 0, size - fd.WIN))
-    y0 = int(np.clip(round(cy - fd.WIN / 2), 0, size - fd.WIN))
+    y0 = int(np.clip(round(top), 0, size - fd.WIN))
 
     # -- control points: face landmarks (merged when too close), hair ring, fixed anchors
     face_ids = [i for i in range(468) if i not in UPPER_OVAL]
@@ -414,20 +597,15 @@ def build_rig(portrait) -> Rig:
     order = priority + [i for i in face_ids if i not in priority]
     ear_mid = (lm[234] + lm[454]) / 2
     ring_z = ear_mid[2] + RING_DEPTH_FW * fw
-    fixed = []
-    for t in np.linspace(0, 1, 9)[:-1]:
-        for p in ((t, 0), (1, t), (1 - t, 1), (0, 1 - t)):
-            fixed.append((x0 + p[0] * (fd.WIN - 1), y0 + p[1] * (fd.WIN - 1)))
-    centre = ear_mid[:2] - 0.1 * fw * frame.ey
-    for p in ring:  # a second ring in the room, still
-        out = centre + (p - centre) * (1 + 0.45 * fw / max(np.linalg.norm(p - centre), 1.0))
-        fixed.append(tuple(out))
-    for x in np.linspace(x0 + 24, x0 + fd.WIN - 24, 8):  # across the neck, still
-        fixed.append((x, chin[1] + 0.5 * fw))
-    fixed = np.array(fixed)
-    fixed = fixed[(fixed[:, 0] >= x0 - 1) & (fixed[:, 0] <= x0 + fd.WIN) & (fixed[:, 1] >= y0 - 1)
-                  & (fixed[:, 1] <= y0 + fd.WIN)]
-
+    still = _still_region(person, lm, frame, x0, y0, fd.WIN)
+    # anchors on the still body hold the spline at zero there
+    step = max(int(0.2 * fw), 8)
+    gy, gx = np.mgrid[y0 + step // 2:y0 + fd.WIN:step, x0 + step // 2:x0 + fd.WIN:step]
+    fixed = np.stack([gx.ravel(), gy.ravel()], 1)
+    fixed = fixed[still[np.clip(gy.ravel(), 0, size - 1), np.clip(gx.ravel(), 0, size - 1)]]
+    if len(fixed) > 40:
+        fixed = fixed[np.linspace(0, len(fixed) - 1, 40).round().astype(int)]
+    fixed = fixed.astype(np.float64)
     n_fixed, n_ring = len(fixed), len(ring)
     budget = fd.N_CTRL - n_fixed - n_ring
     min_gap = CTRL_MIN_GAP_FW * fw
@@ -466,21 +644,24 @@ def build_rig(portrait) -> Rig:
     jaw = np.zeros(fd.N_CTRL)
     jaw[:k_face] = jaw_weights(lm, frame)[chosen]
 
-    # -- field routes: upper field, the lower lip follows its upper partner; lower field, the
-    # reverse; main field, both inner lips take their average (no fold where the lips part)
-    pos = {lid: k for k, lid in enumerate(chosen)}
-    ident = np.arange(fd.N_CTRL)
-    routes = np.stack([np.stack([ident, ident]) for _ in range(fd.N_FIELDS)])
-    pairs = list(zip(LIPS_UPPER_INNER[1:-1], LIPS_LOWER_INNER[1:-1])) + \
-        list(zip(LIPS_UPPER_OUTER[1:-1], LIPS_LOWER_OUTER[1:-1]))
-    for up, low in pairs:
-        if up in pos and low in pos:
-            ku, kl = pos[up], pos[low]
-            routes[1, :, kl] = ku  # upper field
-            routes[2, :, ku] = kl  # lower field
-            if (up, low) in pairs[:9]:
-                routes[0, 0, ku], routes[0, 1, ku] = ku, kl
-                routes[0, 0, kl], routes[0, 1, kl] = ku, kl
+    # -- which control points each field leaves out where the lips part: the main field both inner
+    # lips, the upper lip's field the lower lip, the lower lip's field the upper lip
+    def rows(ids):
+        return [k for k, lid in enumerate(chosen) if lid in ids]
+
+    inner = rows(LIPS_UPPER_INNER[1:-1] + LIPS_LOWER_INNER[1:-1])
+    lower_lip = rows(LIPS_LOWER_INNER[1:-1] + LIPS_LOWER_OUTER[1:-1])
+    upper_lip = rows(LIPS_UPPER_INNER[1:-1] + LIPS_UPPER_OUTER[1:-1])
+
+    def operator(targets, leave_out):
+        use = tps_mask.copy()
+        use[leave_out] = False
+        cols = np.nonzero(use)[0]
+        op = np.zeros((len(targets), fd.N_CTRL))
+        op[:, cols] = tps_operator(xyz[cols, :2] - centre_px, targets - centre_px, fw)
+        # fixed anchors shape the spline but never move: dropping their columns pins them at zero
+        op[:, ~follows] = 0.0
+        return op
 
     # -- pivots
     pivot = ear_mid + np.r_[0.0, PIVOT_FW[1] * fw, PIVOT_FW[2] * fw]
@@ -491,25 +672,47 @@ def build_rig(portrait) -> Rig:
     k = (np.arange(fd.GRID) * fd.STEP + (fd.STEP - 1) / 2)
     gy, gx = np.meshgrid(k + y0, k + x0, indexing="ij")
     nodes = np.stack([gx.ravel(), gy.ravel()], 1)
-    op = np.zeros((len(nodes), fd.N_CTRL))
-    cols = np.nonzero(tps_mask)[0]
     centre_px = lm[:, :2].mean(0)
-    op[:, cols] = tps_operator(xyz[cols, :2] - centre_px, nodes - centre_px, fw)
-    head_w = _head_weight(person.shape, ring, lm, frame)
+    op = operator(nodes, inner)
+    head_w = _motion_weight(still, frame)
     op *= head_w[np.clip(np.round(gy).astype(int), 0, size - 1), np.clip(np.round(gx).astype(int), 0, size - 1)].ravel()[:, None]
-    # fixed anchors shape the spline but never move: dropping their columns pins them at zero
-    op[:, ~follows] = 0.0
+
+    # -- anchors: mouth centre (places the mouth window), skull and mandible triangles (carry the
+    # teeth rigidly), between the eyes
+    mc = (lm[13] + lm[14]) / 2
+    up3 = np.r_[mc[:2] - 0.12 * fw * frame.ey, lm[0, 2]]
+    anchor_xyz = np.stack([mc, lm[78], lm[308], up3, lm[78], lm[308], lm[17], lm[168]])
+    anchor_jaw = np.array([0.5, 0, 0, 0, 1, 1, 1, 0], dtype=np.float64)
+    assert len(anchor_xyz) == fd.N_ANCHORS
+
+    # -- mouth: source crop, its TPS operator, layers, and where upper/lower may differ
+    mx0 = int(round(mc[0] - fd.MOUTH_SRC_W / 2))
+    my0 = int(round(mc[1] - fd.MOUTH_ANCHOR_AT[1] * fd.MOUTH_SRC_H))
+    pad = max(0, -mx0, -my0, mx0 + fd.MOUTH_SRC_W - size, my0 + fd.MOUTH_SRC_H - size)
+    padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge") if pad else img
+    ms = fd.MOUTH_SRC_STEP
+    gy, gx = np.mgrid[0:fd.MOUTH_SRC_H // ms, 0:fd.MOUTH_SRC_W // ms] * ms + (ms - 1) / 2
+    mnodes = np.stack([gx.ravel() + mx0, gy.ravel() + my0], 1)
+    mouth_op = np.stack([operator(mnodes, lower_lip), operator(mnodes, upper_lip)])
+    layers = mouth_layers(padded, lm + [pad, pad, 0], FaceFrame(frame.origin + pad, frame.ex, frame.ey, fw, frame.z0),
+                          (mx0 + pad, my0 + pad), fd.MOUTH_SRC_W, fd.MOUTH_SRC_H, fd.LIP_FEATHER_PX)
+    a = layers["mouth_half_width"]
+    blend = 1.0 - _smoothstep((np.abs(frame.local(mnodes)[:, 0]) - a) / 0.06)
 
     # -- images
     photo = torch.from_numpy(img)
     rgbm = np.concatenate([img.astype(np.float32), person[..., None]], axis=2)
+    # at the window's border the background layer blends back into the photo, which is what the
+    # frame shows just outside the window
     bg = portrait.background[y0:y0 + fd.WIN, x0:x0 + fd.WIN].astype(np.float32)
+    wy, wx = np.mgrid[0:fd.WIN, 0:fd.WIN]
+    edge = np.minimum(np.minimum(wy, fd.WIN - 1 - wy), np.minimum(wx, fd.WIN - 1 - wx))
+    taper = _smoothstep(edge / 16.0)[..., None]
+    bg = img[y0:y0 + fd.WIN, x0:x0 + fd.WIN] * (1 - taper) + bg * taper
     ys, xs = np.mgrid[0:size, 0:size]
     inside = (ys >= y0) & (ys < y0 + fd.WIN) & (xs >= x0) & (xs < x0 + fd.WIN)
     source = (ys * size + xs).astype(np.int64)
     source[inside] = size * size + ((ys - y0) * fd.WIN + (xs - x0))[inside]
-    wy, wx = np.mgrid[0:fd.WIN, 0:fd.WIN].astype(np.float64)
-    grid = np.stack([(2 * (wx + x0) + 1) / size - 1, (2 * (wy + y0) + 1) / size - 1], axis=-1)
 
     f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     engine = {
@@ -517,15 +720,24 @@ def build_rig(portrait) -> Rig:
         "photo_u8": photo.reshape(-1, 3).clone(),
         "window_background": f32(bg.transpose(2, 0, 1)[None]),
         "frame_source": torch.from_numpy(source.ravel()),
-        "window_grid": f32(grid[None]),
         "ctrl_xyz": f32(xyz),
         "ctrl_basis": f32(basis),
         "ctrl_jaw": f32(jaw),
-        "field_routes": torch.from_numpy(routes.astype(np.int64)),
         "jaw_hinge": f32(hinge),
         "head_pivot": f32(pivot),
         "face_width": f32([fw]),
         "main_operator": f32(op),
+        "window_origin": f32([x0, y0]),
+        "anchor_xyz": f32(anchor_xyz),
+        "anchor_jaw": f32(anchor_jaw),
+        "mouth_operator": f32(mouth_op),
+        "mouth_src_origin": f32([mx0, my0]),
+        "mouth_lip_upper": f32(layers["lip_upper"].transpose(2, 0, 1)[None]),
+        "mouth_lip_lower": f32(layers["lip_lower"].transpose(2, 0, 1)[None]),
+        "mouth_teeth_upper": f32(layers["teeth_upper"].transpose(2, 0, 1)[None]),
+        "mouth_teeth_lower": f32(layers["teeth_lower"].transpose(2, 0, 1)[None]),
+        "mouth_blend": f32(blend.reshape(1, 1, fd.MOUTH_SRC_H // ms, fd.MOUTH_SRC_W // ms)),
+        "cavity_rgb": f32(layers["cavity"]),
     }
     rig = Rig(image=photo.clone(), landmarks=f32(portrait.landmarks), engine=engine)
     rig.check()
