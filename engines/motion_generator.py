@@ -37,11 +37,11 @@ import torch
 from torch import Tensor, nn
 
 from avatar.constants import FPS
-from avatar.controls import CONTROL_INDEX, CONTROL_NAMES, N_CONTROLS
+from avatar.controls import CONTROL_NAMES, N_CONTROLS
 from avatar.motion import CHANNELS, NAMES, N_CHANNELS
 
 DT = 1.0 / FPS  # seconds per frame
-SQRT12 = math.sqrt(12.0)  # (u - 0.5) * SQRT12 has unit variance for u ~ uniform(0, 1)
+SQRT3 = math.sqrt(3.0)  # uniform(-SQRT3, SQRT3) has unit variance
 
 # engines/audio_encoder.py ARTICULATION, repeated here so this engine does not import the encoder
 ARTICULATION = ("jaw_open", "lips_wide", "lips_round", "lips_closed", "voicing", "loudness", "pitch")
@@ -52,69 +52,6 @@ def _alpha(tau_s: float) -> float:
     """Per-frame coefficient of a one-pole low-pass with time constant tau_s."""
     return 1.0 - math.exp(-DT / tau_s)
 
-
-class Slots:
-    """Named column groups of one (B, width) tensor: unpack to a dict of (B, w) views, pack back.
-
-    A field is a name (one column) or (name, width); group columns that move together so the
-    math runs on them as one vector (each tensor op costs microseconds on the CPU, whatever its size).
-    """
-
-    def __init__(self, *fields: str | tuple[str, int]):
-        fields = tuple((f, 1) if isinstance(f, str) else f for f in fields)
-        self.names = tuple(name for name, _ in fields)
-        self.widths = [w for _, w in fields]
-        self.width = sum(self.widths)
-        starts = [sum(self.widths[:i]) for i in range(len(fields))]
-        self.slices = {name: slice(a, a + w) for (name, w), a in zip(fields, starts)}
-
-    def unpack(self, x: Tensor) -> dict[str, Tensor]:
-        return dict(zip(self.names, x.split(self.widths, dim=1)))
-
-    def pack(self, values: dict[str, Tensor]) -> Tensor:
-        return torch.cat([values[n] for n in self.names], dim=1)
-
-
-# ---- noise: uniform(0,1) per named use per frame ----------------------------------------------
-HEAD_AXES = ("yaw", "pitch", "roll", "tx", "ty", "scale")
-NOISE = Slots(
-    ("drift", len(HEAD_AXES)),  # head drift, per HEAD_AXES
-    "blink_hazard", "blink_depth", ("blink_shape", 4),  # shape: closing, closed, reopening, asymmetry
-    "saccade_hazard", ("saccade", 2),  # (yaw, pitch) of the new small offset
-    "avert_hazard", "avert_side", "avert_pitch", "avert_duration",
-    "wander_hazard", ("wander", 2),
-    ("nod", 3),  # yaw, pitch, roll size of a nod/turn
-    "breath", "brow",
-)
-N_NOISE = NOISE.width
-
-# ---- state tensors ----------------------------------------------------------------------------
-MOUTH = Slots("jaw", "wide", "round", "press")
-PROSODY = Slots("started", "floor", "activity", "n_speech", "n_voiced", "loud_fast", "loud_avg", "pitch_fast",
-                "pitch_avg", "drive", "boost_avg")
-TIMERS = Slots("silence", "since_boundary", "since_stress", "since_saccade", "since_shift", "blink")  # seconds
-HEAD = Slots("breath_phase", "breath_rate", ("follow", 2))  # follow: head (yaw, pitch) toward the gaze target
-BLINK = Slots("depth", ("shape", 4))  # shape: closing, closed, reopening (s), asymmetry (0..1)
-GAZE = Slots(("eye", 2), ("micro", 2), ("avert", 2), ("wander", 2), "avert_left")  # (yaw, pitch) deg; s
-BROW = Slots("peak", "env")
-NOD = Slots(("pos", 3), ("vel", 3), ("drive", 3))  # damped nod/turn springs (yaw, pitch, roll): deg, deg/s, deg
-
-STATE_SHAPES: tuple[tuple[str, int], ...] = (
-    ("controls_a", N_CONTROLS),  # first stage of the controls glide
-    ("controls_b", N_CONTROLS),  # second stage: the controls in effect
-    ("mouth", MOUTH.width),
-    ("prosody", PROSODY.width),
-    ("timers", TIMERS.width),
-    ("drift_a", len(HEAD_AXES)),  # first stage of the head drift filter, per HEAD_AXES
-    ("drift_b", len(HEAD_AXES)),  # second stage
-    ("nod", NOD.width),
-    ("head", HEAD.width),
-    ("blink", BLINK.width),
-    ("gaze", GAZE.width),
-    ("brow", BROW.width),
-)
-STATE_NAMES = tuple(name for name, _ in STATE_SHAPES)
-LONG_AGO = 100.0  # s; timers saturate here so float32 never loses its step
 
 # ---- behaviour constants (sources: shared/REFERENCE.md unless said) ----------------------------
 CONTROL_TAU = 0.25  # s per glide stage; two stages reach a new mood in about 0.5-1 s, S-shaped
@@ -144,6 +81,7 @@ CLOSURE_LOW, CLOSURE_FULL = 0.2, 0.5  # lips_closed feature -> press 0 .. 1
 JAW_GATE_WIDTH = 0.1  # loudness span over which the jaw target fades in around the speech threshold
 
 # head, degrees (face widths for tx/ty, log for scale); drift std per HEAD_AXES
+HEAD_AXES = ("yaw", "pitch", "roll", "tx", "ty", "scale")
 DRIFT_TAU = 0.45  # s per stage of the drift filter (x mood smoothing)
 DRIFT_IDLE = (0.7, 0.5, 0.35, 0.003, 0.002, 0.003)
 DRIFT_TALK = (2.6, 2.0, 0.9, 0.006, 0.004, 0.006)
@@ -170,10 +108,9 @@ SACCADE_REFRACTORY = 0.3
 MICRO = (1.5, 0.9)  # max |offset| of the small jumps around the target
 MICRO_ALIVE = 0.3  # micro-saccades left at expressiveness 0
 AVERT_PROBABILITY = 0.72  # of utterances starting with a look away
-AVERT_YAW = (3.0, 4.0)  # base + up to extra, either side
-AVERT_UP = 0.7  # share of aversions that go up (the rest down)
-AVERT_PITCH = (1.0, 3.0)  # base + up to extra
-AVERT_DURATION = (0.8, 1.7)  # s: base + up to extra
+AVERT_YAW = (3.0, 4.0)  # at least + up to extra, either side
+AVERT_PITCH = (-4.0, 2.0)  # uniform: two thirds of aversions go up
+AVERT_DURATION = (0.8, 2.5)  # s, uniform
 AVERT_END_SILENCE = 0.15  # s of silence that brings the eyes back
 SHIFT_DEG = 4.0  # a gaze jump this big (|yaw| + |pitch|) is a gaze shift (aversions, new targets), not a micro-saccade
 WANDER_RATE = 0.3  # per s: a new random target with gaze "wander"
@@ -184,11 +121,10 @@ LID_FOLLOWS_GAZE = 0.02  # upper lid closure per degree of looking down (lids fo
 # blinks: ~17/min at rest, ~26/min talking; ~100 ms closing, 50-150 ms closed, 150-200 ms reopening
 TALK_BLINK_GAIN = 0.5  # talking multiplies the rest rate by 1.5 (17 -> 25.5)
 BLINK_REFRACTORY = 0.4  # s after a blink ends before another can start
-BLINK_SHAPE = ((0.08, 0.05, 0.15, 0.0), (0.12, 0.15, 0.20, 1.0))  # closing, closed, reopening (s), asym
-MEAN_BLINK_S = sum((a + b) / 2 for a, b in zip(*BLINK_SHAPE)) - 0.5  # mean of the three phases
+BLINK_CLOSE, BLINK_HOLD, BLINK_REOPEN = (0.08, 0.12), (0.05, 0.15), (0.15, 0.20)  # s, uniform
+MEAN_BLINK_S = sum((a + b) / 2 for a, b in (BLINK_CLOSE, BLINK_HOLD, BLINK_REOPEN))
 PARTIAL_SHARE = 0.5
-PARTIAL_DEPTH = (0.5, 0.3)  # base + up to extra: partial blinks close 0.5-0.8
-FULL_DEPTH = (0.95, 0.05)
+PARTIAL_DEPTH, FULL_DEPTH = (0.5, 0.8), (0.95, 1.0)
 BLINK_ASYM = 0.06  # the right lid closes up to 6% less: both eyes together, never a wink
 SHIFT_BOOST = 2.0  # hazard x (1 + this) within BOOST_S after a gaze shift
 BOUNDARY_BOOST = 3.0  # and x (1 + this) within BOOST_S of a phrase start or end
@@ -206,25 +142,96 @@ BROW_HOLD_TAU = 0.3
 BROW_SHAPE = (0.6, 1.0, 0.93, 0.0)  # inner up, outer up left, outer up right, down: per unit raise
 A_BROW_UP, A_BROW_DOWN = _alpha(0.06), _alpha(0.35)  # a brow flash rises in ~150 ms
 
-# where channels sit in the motion vector
-CH = {name: i for i, name in enumerate(NAMES)}
-GAZE_TARGET = slice(CONTROL_INDEX["gaze_yaw"], CONTROL_INDEX["gaze_pitch"] + 1)
-HEAD_OFFSET = slice(CONTROL_INDEX["head_yaw"], CONTROL_INDEX["head_roll"] + 1)
-DYNAMICS = slice(N_CHANNELS, CONTROL_INDEX["gaze_yaw"])  # head_energy ... blink_rate
-DYNAMICS_NAMES = CONTROL_NAMES[DYNAMICS]
-assert NAMES[CH["yaw"]:CH["scale"] + 1] == HEAD_AXES
-assert NAMES[CH["brow_inner_up"]:CH["brow_down"] + 1] == ("brow_inner_up", "brow_outer_up_left",
-                                                           "brow_outer_up_right", "brow_down")
-# mood offsets that are added at the end; the rest are folded in where they act (head before the
-# eyes counter-rotate, jaw under lip closure, lids under blinks, gaze in the eye's frame)
-ADDED_LAST = tuple(n for n in NAMES if n not in HEAD_AXES + ("jaw_open", "blink_left", "blink_right",
-                                                            "gaze_yaw", "gaze_pitch"))
+
+class Slots:
+    """Named column groups of one (B, width) tensor: unpack to a dict of (B, w) views, pack back.
+
+    A field is a name (one column) or (name, width). Columns that move together are grouped so the
+    math runs on them as one vector: on the CPU each tensor op costs microseconds whatever its size.
+    """
+
+    def __init__(self, *fields: str | tuple[str, int]):
+        fields = tuple((f, 1) if isinstance(f, str) else f for f in fields)
+        self.names = tuple(name for name, _ in fields)
+        self.widths = [w for _, w in fields]
+        self.width = sum(self.widths)
+        starts = [sum(self.widths[:i]) for i in range(len(fields))]
+        self.slices = {name: slice(a, a + w) for (name, w), a in zip(fields, starts)}
+
+    def unpack(self, x: Tensor) -> dict[str, Tensor]:
+        return dict(zip(self.names, x.split(self.widths, dim=1)))
+
+    def pack(self, values: dict[str, Tensor]) -> Tensor:
+        return torch.cat([values[n] for n in self.names], dim=1)
+
+
+# ---- noise: the caller's uniform(0,1) numbers, each mapped to the range of its use ----------------
+NOISE_RANGES: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = (
+    ("drift", ((-SQRT3, SQRT3),) * len(HEAD_AXES)),  # unit-variance drivers of the head drift
+    ("blink_hazard", ((0.0, 1.0),)),
+    ("blink_partial", ((0.0, 1.0),)),  # < PARTIAL_SHARE: a partial blink
+    ("blink_depth", (PARTIAL_DEPTH, FULL_DEPTH)),  # (if partial, if full)
+    ("blink_gain", ((1.0, 1.0), (1.0 - BLINK_ASYM, 1.0))),  # (left, right) share of the blink
+    ("blink_shape", (BLINK_CLOSE, BLINK_HOLD, BLINK_REOPEN)),
+    ("saccade_hazard", ((0.0, 1.0),)),
+    ("saccade", ((-MICRO[0], MICRO[0]), (-MICRO[1], MICRO[1]))),
+    ("avert_hazard", ((0.0, 1.0),)),
+    ("avert", ((-AVERT_YAW[1], AVERT_YAW[1]), AVERT_PITCH)),  # yaw pushed out by AVERT_YAW[0] below
+    ("avert_duration", (AVERT_DURATION,)),
+    ("wander_hazard", ((0.0, 1.0),)),
+    ("wander", ((-WANDER[0], WANDER[0]), (-WANDER[1], WANDER[1]))),
+    ("nod", ((0.0, 1.0),) * 3),  # (yaw, pitch, roll) place within the kick's range
+    ("breath", ((-SQRT3, SQRT3),)),
+    ("brow", ((0.0, 1.0),)),
+)
+NOISE = Slots(*((name, len(ranges)) for name, ranges in NOISE_RANGES))
+N_NOISE = NOISE.width
+
+# ---- state tensors ----------------------------------------------------------------------------
+MOUTH = Slots("jaw", ("lips", 2), "press")  # lips: (wide, round)
+PROSODY = Slots("started", "floor", "activity", "n_speech", "n_voiced", "loud_fast", "loud_avg", "pitch_fast",
+                "pitch_avg", "drive", "boost_avg")
+TIMERS = Slots("silence", "since_boundary", "since_stress", "since_saccade", "since_shift", "blink")  # seconds
+HEAD = Slots("breath_phase", "breath_rate", ("follow", 2))  # follow: head (yaw, pitch) toward the gaze target
+BLINK = Slots("depth", ("gain", 2), "close", "hold", "reopen")  # of the current/last blink; durations in s
+GAZE = Slots(("eye", 2), ("micro", 2), ("avert", 2), ("wander", 2), "avert_left")  # (yaw, pitch) deg; s
+BROW = Slots("peak", "env")
+NOD = Slots(("pos", 3), ("vel", 3), ("drive", 3))  # nod/turn springs (yaw, pitch, roll): deg, deg/s, deg
+
+STATE_SHAPES: tuple[tuple[str, int], ...] = (
+    ("controls_a", N_CONTROLS),  # first stage of the controls glide
+    ("controls_b", N_CONTROLS),  # second stage: the controls in effect
+    ("mouth", MOUTH.width),
+    ("prosody", PROSODY.width),
+    ("timers", TIMERS.width),
+    ("drift_a", len(HEAD_AXES)),  # first stage of the head drift filter, per HEAD_AXES
+    ("drift_b", len(HEAD_AXES)),  # second stage
+    ("nod", NOD.width),
+    ("head", HEAD.width),
+    ("blink", BLINK.width),
+    ("gaze", GAZE.width),
+    ("brow", BROW.width),
+)
+STATE_NAMES = tuple(name for name, _ in STATE_SHAPES)
+LONG_AGO = 100.0  # s; timers saturate here so float32 never loses its step
+
+# the motion vector in the groups this engine computes together (the mood offsets split the same way)
+MOTION_GROUPS = Slots(("head", 6), "jaw", ("lips", 2), "press", ("mouth", 4), ("brows", 4), ("lids", 2),
+                      ("eyes", 2), ("gaze", 2))
+assert MOTION_GROUPS.width == N_CHANNELS
+assert NAMES[:len(HEAD_AXES)] == HEAD_AXES
+for _group, _names in (("lips", ("lips_wide", "lips_round")), ("press", ("lips_press",)),
+                       ("mouth", ("upper_lip_up", "smile_left", "smile_right", "frown")),
+                       ("brows", ("brow_inner_up", "brow_outer_up_left", "brow_outer_up_right", "brow_down")),
+                       ("lids", ("blink_left", "blink_right")), ("eyes", ("squint", "eyes_wide")),
+                       ("gaze", ("gaze_yaw", "gaze_pitch")), ("jaw", ("jaw_open",))):
+    assert NAMES[MOTION_GROUPS.slices[_group]] == _names, _group
 
 
 def _nod_step(pos, vel, drive):
-    """One frame of the nod spring: pushed toward `drive` (a decaying pulse), critically-ish damped."""
+    """One frame of a nod spring pushed toward `drive` (a decaying pulse), damped (semi-implicit Euler)."""
     w = 2.0 * math.pi * NOD_HZ
-    vel = vel + DT * (w * w * (drive - pos) - 2.0 * NOD_DAMPING * w * vel)
+    vel = vel * (1.0 - 2.0 * NOD_DAMPING * w * DT) + (w * w * DT) * (drive - pos)
     return pos + DT * vel, vel, drive * math.exp(-DT / NOD_DRIVE_TAU)
 
 
@@ -240,17 +247,50 @@ def _nod_kick_gain() -> float:
 NOD_KICK = _nod_kick_gain()
 
 
+class _Constants:
+    """Scalar constants of the per-frame math as 0-dim float32 tensors.
+
+    An op with a Python number costs ~3 us more on the CPU than the same op with a tensor (measured
+    here: x * 2.0 4.4 us, x * y 1.2 us), and this engine is a few hundred ops on (B, 1) tensors, so
+    that overhead would be most of its time. 0-dim CPU tensors also combine with CUDA tensors."""
+
+    def __init__(self, **values: float):
+        for name, value in values.items():
+            setattr(self, name, torch.tensor(float(value)))
+
+
+K = _Constants(
+    ZERO=0.0, HALF=0.5, ONE=1.0, DT=DT, LONG_AGO=LONG_AGO,
+    FLOOR_STEP=FLOOR_RISE * DT, FLOOR_MARGIN=FLOOR_MARGIN, PAUSE_S=PAUSE_S, BOUNDARY_S=BOUNDARY_S,
+    BOUNDARY_END=BOUNDARY_S + DT, AVG_COUNT_CAP=AVG_COUNT_CAP, PITCH_STRESS_WEIGHT=PITCH_STRESS_WEIGHT,
+    STRESS_THRESHOLD=STRESS_THRESHOLD, STRESS_REFRACTORY=STRESS_REFRACTORY,
+    CLOSURE_LOW=CLOSURE_LOW, CLOSURE_GAIN=1.0 / (CLOSURE_FULL - CLOSURE_LOW), JAW_GATE_GAIN=1.0 / JAW_GATE_WIDTH,
+    A_JAW_OPEN=A_JAW_OPEN, A_JAW_CLOSE=A_JAW_CLOSE, A_BROW_UP=A_BROW_UP, A_BROW_DOWN=A_BROW_DOWN,
+    WANDER_P=_alpha(1.0 / WANDER_RATE), SACCADE_P=SACCADE_RATE * DT, SACCADE_REFRACTORY=SACCADE_REFRACTORY,
+    AVERT_PROBABILITY=AVERT_PROBABILITY, AVERT_END_SILENCE=AVERT_END_SILENCE, SHIFT_DEG=SHIFT_DEG,
+    DRIFT_DECAY=-DT / DRIFT_TAU, BREATH_STEP=2.0 * math.pi * BREATH_HZ * DT, TWO_PI=2.0 * math.pi,
+    BREATH_WOBBLE=2.0 * math.pi * BREATH_HZ * DT * BREATH_JITTER
+    / math.sqrt(_alpha(BREATH_RATE_TAU) / (2.0 - _alpha(BREATH_RATE_TAU))),  # per unit of the rate AR(1)'s std
+    BREATH_TALK_DROP=1.0 - BREATH_TALKING, ALIVE=ALIVE, MICRO_ALIVE=MICRO_ALIVE, GAZE_FOLLOW=GAZE_FOLLOW,
+    AVERT_FOLLOW=AVERT_FOLLOW, NOD_KICK=NOD_KICK, BROW_STRESS_SHARE=BROW_STRESS_SHARE, BROW_STRESS=BROW_STRESS[0],
+    BROW_STRESS_EXTRA=BROW_STRESS[1] / BROW_STRESS_SHARE, BROW_ONSET=BROW_ONSET, BROW_ONSET_DRAW=0.4,
+    BROW_PITCH=BROW_PITCH, BROW_PITCH_DEADBAND=BROW_PITCH_DEADBAND, BROW_DECAY=-DT / BROW_HOLD_TAU,
+    TALK_BLINK_GAIN=TALK_BLINK_GAIN, MIN_RATE=0.01, MIN_GAP=0.1, BLINK_FIXED_S=MEAN_BLINK_S + BLINK_REFRACTORY,
+    SIXTY=60.0, SHIFT_BOOST=SHIFT_BOOST, BOUNDARY_BOOST=BOUNDARY_BOOST, BOOST_S=BOOST_S,
+    BLINK_REFRACTORY=BLINK_REFRACTORY, PARTIAL_SHARE=PARTIAL_SHARE, VOR_GAIN=VOR_GAIN,
+    LID_FOLLOWS_GAZE=LID_FOLLOWS_GAZE, NOD_DAMP=1.0 - 2.0 * NOD_DAMPING * 2.0 * math.pi * NOD_HZ * DT,
+    NOD_STIFF=(2.0 * math.pi * NOD_HZ) ** 2 * DT, NOD_DRIVE_DECAY=math.exp(-DT / NOD_DRIVE_TAU),
+    STRENGTH_BASE=0.6, STRENGTH_GAIN=2.0, SMOOTH_3=3.0, SMOOTH_2=2.0, MICRO_TALK=0.5, BREATH_HARMONIC=0.3,
+    BREATH_SKEW=0.5,
+)
+
+
 def _smoothstep(x: Tensor) -> Tensor:
     x = x.clamp(0.0, 1.0)
-    return x * x * (3.0 - 2.0 * x)
+    return x * x * (K.SMOOTH_3 - K.SMOOTH_2 * x)
 
 
-def _signed(u: Tensor) -> Tensor:
-    """uniform(0,1) -> uniform(-1,1)"""
-    return 2.0 * u - 1.0
-
-
-def _const(values) -> Tensor:
+def _row(values) -> Tensor:
     return torch.tensor([values], dtype=torch.float32)
 
 
@@ -266,18 +306,17 @@ class MotionGenerator(nn.Module):
 
     def __init__(self):
         super().__init__()
+        ranges = [r for _, group in NOISE_RANGES for r in group]
         constants = {
             "low": [c.low for c in CHANNELS], "high": [c.high for c in CHANNELS],
-            "added_last": [float(n in ADDED_LAST) for n in NAMES],
+            "noise_low": [a for a, _ in ranges], "noise_span": [b - a for a, b in ranges],
             "drift_idle": DRIFT_IDLE, "drift_span": [t - i for t, i in zip(DRIFT_TALK, DRIFT_IDLE)],
             "stress_low": NOD_STRESS[0], "stress_span": [h - l for l, h in zip(*NOD_STRESS)],
             "onset_low": NOD_ONSET[0], "onset_span": [h - l for l, h in zip(*NOD_ONSET)],
-            "breath": BREATH, "brow_shape": BROW_SHAPE,
-            "blink_low": BLINK_SHAPE[0], "blink_span": [h - l for l, h in zip(*BLINK_SHAPE)],
-            "micro": MICRO, "wander": WANDER, "follow_pad": (0.0,),
+            "breath": BREATH, "brow_shape": BROW_SHAPE, "avert_push": (AVERT_YAW[0], 0.0),
         }
         for name, values in constants.items():
-            self.register_buffer(name, _const(values), persistent=False)
+            self.register_buffer(name, _row(values), persistent=False)
 
     def initial_state(self, batch: int = 1) -> tuple[Tensor, ...]:
         """The state before the first frame: silent for long, eyes open, nothing in motion."""
@@ -286,7 +325,8 @@ class MotionGenerator(nn.Module):
         state["prosody"][:, PROSODY.slices["boost_avg"]] = 1.0
         state["timers"][:] = LONG_AGO
         # a finished blink of depth 0, so the shape's divisions are never by zero
-        state["blink"][:, BLINK.slices["shape"]] = torch.tensor(BLINK_SHAPE[1])
+        for name, (_, longest) in zip(("close", "hold", "reopen"), (BLINK_CLOSE, BLINK_HOLD, BLINK_REOPEN)):
+            state["blink"][:, BLINK.slices[name]] = longest
         return tuple(state[name] for name in STATE_NAMES)
 
     def forward(self, features: Tensor, controls: Tensor, noise: Tensor, controls_a: Tensor, controls_b: Tensor,
@@ -295,150 +335,147 @@ class MotionGenerator(nn.Module):
         """features (B, 7), controls (B, N_CONTROLS), noise (B, N_NOISE), state per STATE_SHAPES
         -> motion (B, N_CHANNELS), then the new state in STATE_SHAPES order."""
         f = dict(zip(ARTICULATION, features.split(1, dim=1)))  # (B, 1) each
-        n = NOISE.unpack(noise)
+        n = NOISE.unpack(self.noise_low + self.noise_span * noise)  # (B, w) each, in its NOISE_RANGES
         p = PROSODY.unpack(prosody)
         zero = torch.zeros_like(f["loudness"])  # (B, 1)
-        ages = TIMERS.unpack((timers + DT).clamp(max=LONG_AGO))  # every timer one frame older; reset below
+        ages = TIMERS.unpack((timers + K.DT).clamp(max=LONG_AGO))  # every timer a frame older; reset below
 
         # ---- controls: glide to the requested ones (start on them at the first frame) -----------
-        first = p["started"] < 0.5
+        first = p["started"] < K.HALF
         controls_a = torch.where(first, controls, controls_a.lerp(controls, _alpha(CONTROL_TAU)))
         controls_b = torch.where(first, controls, controls_b.lerp(controls_a, _alpha(CONTROL_TAU)))
-        offsets = controls_b[:, :N_CHANNELS]  # (B, N_CHANNELS) mood offsets in effect
-        c = dict(zip(DYNAMICS_NAMES, controls_b[:, DYNAMICS].split(1, dim=1)))  # (B, 1) each
-        expr = controls_b[:, CONTROL_INDEX["expressiveness"]:CONTROL_INDEX["expressiveness"] + 1]
+        o = dict(zip(MOTION_GROUPS.names, controls_b[:, :N_CHANNELS].split(MOTION_GROUPS.widths, dim=1)))
+        c = dict(zip(CONTROL_NAMES[N_CHANNELS:], controls_b[:, N_CHANNELS:].split(1, dim=1)))  # (B, 1) each
+        raw = dict(zip(CONTROL_NAMES[N_CHANNELS:], controls[:, N_CHANNELS:].split(1, dim=1)))  # not glided
+        expr = c["expressiveness"]
 
         # ---- prosody: speech detection, phrase timers, stressed syllables ------------------------
         loud, pitch = f["loudness"], f["pitch"]
-        floor = torch.where(loud < p["floor"], p["floor"].lerp(loud, 0.5), p["floor"] + FLOOR_RISE * DT)
-        threshold = torch.clamp(floor + FLOOR_MARGIN, min=SPEECH_LOUDNESS)
+        floor = torch.where(loud < p["floor"], p["floor"].lerp(loud, 0.5), p["floor"] + K.FLOOR_STEP)
+        threshold = torch.clamp(floor + K.FLOOR_MARGIN, min=SPEECH_LOUDNESS)
         speech = loud > threshold
-        voiced = speech & (f["voicing"] > 0.5)
-        onset = speech & (ages["silence"] > PAUSE_S)  # the silence timer is one frame older here
+        voiced = speech & (f["voicing"] > K.HALF)
+        onset = speech & (ages["silence"] > K.PAUSE_S)  # the silence timer is one frame older here
         silence = torch.where(speech, zero, ages["silence"])
-        phrase_end = (silence >= BOUNDARY_S) & (silence < BOUNDARY_S + DT)
+        phrase_end = (silence >= K.BOUNDARY_S) & (silence < K.BOUNDARY_END)
         since_boundary = torch.where(onset | phrase_end, zero, ages["since_boundary"])
-        speaking = (silence < PAUSE_S).float()  # holds through closures and short gaps
+        talking = silence < K.PAUSE_S  # holds through closures and short gaps
+        speaking = talking.float()
         activity = p["activity"].lerp(speaking, _alpha(ACTIVITY_TAU))
 
         # running averages over speech: a plain mean over the first frames, then an EMA
-        n_speech = torch.where(speech, (p["n_speech"] + 1.0).clamp(max=AVG_COUNT_CAP), p["n_speech"])
-        n_voiced = torch.where(voiced, (p["n_voiced"] + 1.0).clamp(max=AVG_COUNT_CAP), p["n_voiced"])
-        loud_avg = torch.where(speech, p["loud_avg"].lerp(loud, 1.0 / n_speech.clamp(min=1.0)), p["loud_avg"])
-        pitch_avg = torch.where(voiced, p["pitch_avg"].lerp(pitch, 1.0 / n_voiced.clamp(min=1.0)), p["pitch_avg"])
+        n_speech = torch.where(speech, torch.clamp(p["n_speech"] + K.ONE, max=AVG_COUNT_CAP), p["n_speech"])
+        n_voiced = torch.where(voiced, torch.clamp(p["n_voiced"] + K.ONE, max=AVG_COUNT_CAP), p["n_voiced"])
+        loud_avg = torch.where(speech, p["loud_avg"].lerp(loud, n_speech.clamp(min=1.0).reciprocal()), p["loud_avg"])
+        pitch_avg = torch.where(voiced, p["pitch_avg"].lerp(pitch, n_voiced.clamp(min=1.0).reciprocal()),
+                                p["pitch_avg"])
         loud_fast = p["loud_fast"].lerp(loud, _alpha(LOUD_FAST_TAU))
         pitch_fast = torch.where(voiced, p["pitch_fast"].lerp(pitch, _alpha(PITCH_FAST_TAU)), p["pitch_fast"])
-        pitch_rise = torch.relu(pitch_fast - pitch_avg)
-        drive = torch.where(speech, loud_fast - loud_avg + PITCH_STRESS_WEIGHT * pitch_rise, zero)
-        stress = (speech & (drive >= STRESS_THRESHOLD) & (p["drive"] < STRESS_THRESHOLD)
-                  & (ages["since_stress"] > STRESS_REFRACTORY))
+        pitch_rise = pitch_fast - pitch_avg
+        drive = torch.where(speech, loud_fast - loud_avg + K.PITCH_STRESS_WEIGHT * pitch_rise.clamp(min=0.0), zero)
+        stress = (drive >= K.STRESS_THRESHOLD) & (p["drive"] < K.STRESS_THRESHOLD) & (
+            ages["since_stress"] > K.STRESS_REFRACTORY)
         since_stress = torch.where(stress, zero, ages["since_stress"])
-        strength = 0.6 + 2.0 * (drive - STRESS_THRESHOLD).clamp(0.0, 0.2)  # 0.6 .. 1.0
+        strength = (drive - K.STRESS_THRESHOLD).clamp(0.0, 0.2) * K.STRENGTH_GAIN + K.STRENGTH_BASE  # 0.6 .. 1.0
 
         # ---- mouth: asymmetric smoothing; a closure closes the lips in its own frame --------------
         m = MOUTH.unpack(mouth)
-        press_target = ((f["lips_closed"] - CLOSURE_LOW) / (CLOSURE_FULL - CLOSURE_LOW)).clamp(0.0, 1.0) * speaking
+        press_target = torch.where(talking, ((f["lips_closed"] - K.CLOSURE_LOW) * K.CLOSURE_GAIN).clamp(0.0, 1.0),
+                                   zero)
         press = torch.where(press_target > m["press"], press_target, m["press"].lerp(press_target, A_PRESS_RELEASE))
-        jaw_target = f["jaw_open"] * ((loud - threshold) / JAW_GATE_WIDTH + 0.5).clamp(0.0, 1.0)
-        jaw_rate = torch.where(jaw_target > m["jaw"], A_JAW_OPEN, A_JAW_CLOSE)
-        jaw = m["jaw"].lerp(jaw_target, jaw_rate) * (1.0 - press)
-        wide = m["wide"].lerp(f["lips_wide"] * speaking, A_LIPS)
-        round_ = m["round"].lerp(f["lips_round"] * speaking, A_LIPS)
+        open_ = K.ONE - press
+        jaw_target = f["jaw_open"] * ((loud - threshold) * K.JAW_GATE_GAIN + K.HALF).clamp(0.0, 1.0)
+        jaw = m["jaw"].lerp(jaw_target, torch.where(jaw_target > m["jaw"], K.A_JAW_OPEN, K.A_JAW_CLOSE)) * open_
+        lips = m["lips"].lerp(features[:, 1:3] * speaking, A_LIPS)  # (B, 2) wide, round
 
         # ---- gaze, (B, 2) = (yaw, pitch): saccadic jumps between targets -------------------------
         g = GAZE.unpack(gaze)
-        target = controls[:, GAZE_TARGET]  # raw, not glided: a new target is a jump, not a drift
-        wandering = controls[:, CONTROL_INDEX["gaze_wander"]:CONTROL_INDEX["gaze_wander"] + 1] > 0.5
-        wander_jump = wandering & (n["wander_hazard"] < 1.0 - math.exp(-WANDER_RATE * DT))
-        wander = torch.where(wander_jump, self.wander * _signed(n["wander"]), g["wander"]) * wandering
+        target = torch.cat([raw["gaze_yaw"], raw["gaze_pitch"]], dim=1)  # raw: a new target is a jump, not a drift
+        wander_jump = n["wander_hazard"] < K.WANDER_P
+        wander = torch.where(raw["gaze_wander"] > K.HALF, torch.where(wander_jump, n["wander"], g["wander"]), zero)
 
-        saccade_p = 1.0 - torch.exp(c["saccade_rate"] * (-SACCADE_RATE * DT))
-        saccade = (n["saccade_hazard"] < saccade_p) & (ages["since_saccade"] > SACCADE_REFRACTORY)
-        micro_gain = torch.clamp(expr, min=MICRO_ALIVE) * (1.0 + 0.5 * activity)
-        micro = torch.where(saccade, self.micro * micro_gain * _signed(n["saccade"]), g["micro"])
+        saccade = (n["saccade_hazard"] < c["saccade_rate"] * K.SACCADE_P) & (
+            ages["since_saccade"] > K.SACCADE_REFRACTORY)
+        micro_gain = torch.clamp(expr, min=MICRO_ALIVE) * (K.ONE + K.MICRO_TALK * activity)
+        micro = torch.where(saccade, n["saccade"] * micro_gain, g["micro"])
         since_saccade = torch.where(saccade, zero, ages["since_saccade"])
 
-        avert_now = onset & (n["avert_hazard"] < AVERT_PROBABILITY)
-        side = _signed(n["avert_side"])  # its sign picks the side, its size the extra
-        up = n["avert_pitch"] < AVERT_UP
-        avert_new = torch.cat([
-            torch.sign(side) * (AVERT_YAW[0] + AVERT_YAW[1] * side.abs()),
-            torch.where(up, -(AVERT_PITCH[0] + AVERT_PITCH[1] / AVERT_UP * n["avert_pitch"]),
-                        AVERT_PITCH[0] + AVERT_PITCH[1] / (1.0 - AVERT_UP) * (n["avert_pitch"] - AVERT_UP))],
-            dim=1) * expr
-        avert_left = torch.where(avert_now, AVERT_DURATION[0] + AVERT_DURATION[1] * n["avert_duration"],
-                                 (g["avert_left"] - DT).clamp(min=-1.0))
-        looking_back = (avert_left <= 0.0) | (silence >= AVERT_END_SILENCE)
-        avert = torch.where(avert_now, avert_new, g["avert"] * (~looking_back))
+        avert_now = onset & (n["avert_hazard"] < K.AVERT_PROBABILITY)
+        avert_new = (n["avert"] + torch.sign(n["avert"]) * self.avert_push) * expr  # |yaw| >= AVERT_YAW[0]
+        avert_left = torch.where(avert_now, n["avert_duration"], g["avert_left"] - K.DT)
+        looking_back = (avert_left <= K.ZERO) | (silence >= K.AVERT_END_SILENCE)
+        avert = torch.where(avert_now, avert_new, torch.where(looking_back, zero, g["avert"]))
+        avert_left = avert_left.clamp(min=-1.0)
 
         want = target + wander + avert + micro
-        shift = (want - g["eye"]).abs().sum(dim=1, keepdim=True) > SHIFT_DEG
+        shift = (want - g["eye"]).abs().sum(dim=1, keepdim=True) > K.SHIFT_DEG
         since_shift = torch.where(shift, zero, ages["since_shift"])
         eye = g["eye"].lerp(want, A_SACCADE)  # line of sight, before the head is taken out
 
         # ---- head, (B, 6) per HEAD_AXES: drift + nods/turns + breathing + following the gaze -----
         h = HEAD.unpack(head)
-        a_drift = 1.0 - torch.exp(-DT / (DRIFT_TAU * c["smoothing"]))
-        drift_a = drift_a.lerp(SQRT12 * (n["drift"] - 0.5), a_drift)
+        a_drift = K.ONE - torch.exp(K.DRIFT_DECAY / c["smoothing"])
+        drift_a = drift_a.lerp(n["drift"], a_drift)
         drift_b = drift_b.lerp(drift_a, a_drift)
-        pole = 1.0 - a_drift  # stationary std of two cascaded one-poles fed unit-variance noise
-        drift_std = a_drift * a_drift * torch.sqrt((1.0 + pole * pole) / (1.0 - pole * pole) ** 3)
-        drift = drift_b * ((self.drift_idle + self.drift_span * activity) * (c["head_energy"] * expr / drift_std))
+        # two cascaded one-poles fed unit-variance noise have std ~ sqrt(a)/2 (within 3% for these a)
+        drift = drift_b * (self.drift_idle + self.drift_span * activity) * (
+            c["head_energy"] * expr * torch.rsqrt(a_drift * 0.25))
 
-        stress_kick = (self.stress_low + self.stress_span * n["nod"]) * strength
-        onset_kick = self.onset_low + self.onset_span * n["nod"]
-        kick = (stress_kick * stress + onset_kick * onset) * (c["nod_gain"] * expr * NOD_KICK)
+        kick = torch.where(stress, (self.stress_low + self.stress_span * n["nod"]) * strength, zero) + torch.where(
+            onset, self.onset_low + self.onset_span * n["nod"], zero)
         nods = NOD.unpack(nod)
-        nod_pos, nod_vel, nod_drive = _nod_step(nods["pos"], nods["vel"], nods["drive"] + kick)
+        nod_drive = nods["drive"] + kick * (c["nod_gain"] * expr * K.NOD_KICK)
+        nod_vel = nods["vel"] * K.NOD_DAMP + (nod_drive - nods["pos"]) * K.NOD_STIFF  # same as _nod_step
+        nod_pos = nods["pos"] + nod_vel * K.DT
+        nod_drive = nod_drive * K.NOD_DRIVE_DECAY
 
-        breath_rate = h["breath_rate"].lerp(SQRT12 * (n["breath"] - 0.5), _alpha(BREATH_RATE_TAU))
-        rate_std = math.sqrt(_alpha(BREATH_RATE_TAU) / (2.0 - _alpha(BREATH_RATE_TAU)))
-        phase = h["breath_phase"] + (2.0 * math.pi * BREATH_HZ * DT) * (1.0 + BREATH_JITTER / rate_std * breath_rate)
-        phase = phase - (2.0 * math.pi) * torch.floor(phase * (0.5 / math.pi))
-        breath = (torch.sin(phase) + 0.3 * torch.sin(2.0 * phase + 0.5)) * (  # a quicker inhale than exhale
-            (1.0 - (1.0 - BREATH_TALKING) * activity) * torch.clamp(expr, min=ALIVE) / 1.04)
+        breath_rate = h["breath_rate"].lerp(n["breath"], _alpha(BREATH_RATE_TAU))
+        phase = torch.remainder(h["breath_phase"] + K.BREATH_STEP + breath_rate * K.BREATH_WOBBLE, 2.0 * math.pi)
+        breath = (torch.sin(phase) + K.BREATH_HARMONIC * torch.sin(phase + phase + K.BREATH_SKEW)) * (
+            (K.ONE - K.BREATH_TALK_DROP * activity) * torch.clamp(expr, min=ALIVE))  # a quicker inhale than exhale
 
-        follow = h["follow"].lerp(GAZE_FOLLOW * (target + wander) + AVERT_FOLLOW * avert, _alpha(FOLLOW_TAU))
-        angles = nod_pos + controls_b[:, HEAD_OFFSET] + torch.cat([follow, zero], dim=1)  # (B, 3)
-        head6 = drift + torch.cat([angles, zero, zero, zero], dim=1) + self.breath * breath + offsets[:, :6]
+        follow = h["follow"].lerp(K.GAZE_FOLLOW * (target + wander) + K.AVERT_FOLLOW * avert, _alpha(FOLLOW_TAU))
+        head_offset = torch.cat([c["head_yaw"], c["head_pitch"], c["head_roll"]], dim=1)  # the user's, deg
+        angles = nod_pos + head_offset + torch.cat([follow, zero], dim=1)  # (B, 3) yaw, pitch, roll
+        head6 = drift + o["head"] + torch.cat([angles, zero, zero, zero], dim=1) + self.breath * breath
 
         # ---- brows: raised at accents and onsets, following pitch rises ----------------------------
         br = BROW.unpack(brow)
         brow_gain = c["brow_gain"] * expr
-        brow_kick = ((BROW_STRESS[0] + BROW_STRESS[1] / BROW_STRESS_SHARE * n["brow"]) * strength
-                     * (stress & (n["brow"] < BROW_STRESS_SHARE)) + BROW_ONSET * (onset & (n["brow"] > 0.4)))
-        peak = torch.maximum(br["peak"] * torch.exp(-DT / (BROW_HOLD_TAU * c["smoothing"])), brow_kick * brow_gain)
-        rise = BROW_PITCH * torch.relu(pitch_fast - pitch_avg - BROW_PITCH_DEADBAND) * voiced
-        goal = torch.maximum(peak, rise * brow_gain)
-        env = br["env"].lerp(goal, torch.where(goal > br["env"], A_BROW_UP, A_BROW_DOWN))
+        brow_kick = torch.where(stress & (n["brow"] < K.BROW_STRESS_SHARE),
+                                (K.BROW_STRESS + K.BROW_STRESS_EXTRA * n["brow"]) * strength,
+                                torch.where(onset & (n["brow"] > K.BROW_ONSET_DRAW), K.BROW_ONSET, K.ZERO))
+        peak = torch.maximum(br["peak"] * torch.exp(K.BROW_DECAY / c["smoothing"]), brow_kick * brow_gain)
+        rise = torch.where(voiced, (pitch_rise - K.BROW_PITCH_DEADBAND).clamp(min=0.0), zero)
+        goal = torch.maximum(peak, rise * (K.BROW_PITCH * brow_gain))
+        env = br["env"].lerp(goal, torch.where(goal > br["env"], K.A_BROW_UP, K.A_BROW_DOWN))
 
         # ---- blinks: a renewal process with a sampled shape ----------------------------------------
         b = BLINK.unpack(blink)
-        rate = c["blink_rate"] * (1.0 + TALK_BLINK_GAIN * activity)  # per minute
-        gap = (60.0 / rate.clamp(min=0.01) - (MEAN_BLINK_S + BLINK_REFRACTORY)).clamp(min=0.1)  # mean wait, s
-        boost = 1.0 + SHIFT_BOOST * (since_shift < BOOST_S) + BOUNDARY_BOOST * (since_boundary < BOOST_S)
+        rate = c["blink_rate"] * (K.ONE + K.TALK_BLINK_GAIN * activity)  # per minute
+        gap = (K.SIXTY / rate.clamp(min=0.01) - K.BLINK_FIXED_S).clamp(min=0.1)  # mean wait after the refractory, s
+        boost = K.ONE + torch.where(since_shift < K.BOOST_S, K.SHIFT_BOOST, K.ZERO) + torch.where(
+            since_boundary < K.BOOST_S, K.BOUNDARY_BOOST, K.ZERO)
         boost_avg = p["boost_avg"].lerp(boost, _alpha(BOOST_AVG_TAU))
-        hazard = (1.0 - torch.exp(-DT / gap * (boost / boost_avg))) * (rate > 0.01)
-        ready = ages["blink"] > b["shape"][:, :3].sum(dim=1, keepdim=True) + BLINK_REFRACTORY
+        hazard = torch.where(rate > K.MIN_RATE, boost / (gap * boost_avg) * K.DT, zero)  # per frame (DT/gap << 1)
+        open_at = b["close"] + b["hold"]
+        ready = ages["blink"] > open_at + b["reopen"] + K.BLINK_REFRACTORY
         start = ready & (n["blink_hazard"] < hazard)
-        partial = n["blink_depth"] < PARTIAL_SHARE
-        depth_new = torch.where(partial, PARTIAL_DEPTH[0] + PARTIAL_DEPTH[1] / PARTIAL_SHARE * n["blink_depth"],
-                                FULL_DEPTH[0] + FULL_DEPTH[1] / (1 - PARTIAL_SHARE) * (n["blink_depth"] - PARTIAL_SHARE))
+        depth = torch.where(n["blink_partial"] < K.PARTIAL_SHARE, n["blink_depth"][:, :1], n["blink_depth"][:, 1:])
+        blink = torch.where(start, torch.cat([depth, n["blink_gain"], n["blink_shape"]], dim=1), blink)
+        b = BLINK.unpack(blink)
         t = torch.where(start, zero, ages["blink"])  # time since the blink started
-        blink = torch.where(start, torch.cat([depth_new, self.blink_low + self.blink_span * n["blink_shape"]], dim=1),
-                            blink)
-        depth, close, hold, reopen, asym = blink.split(1, dim=1)
-        lid = depth * torch.where(t < close, _smoothstep(t / close), 1.0 - _smoothstep((t - close - hold) / reopen))
+        phases = _smoothstep(torch.cat([t / b["close"], (t - b["close"] - b["hold"]) / b["reopen"]], dim=1))
+        closing, reopening = phases.split(1, dim=1)
+        lid = b["depth"] * closing * (K.ONE - reopening)  # closing, then (after the hold) reopening
 
         # ---- eyes in the head: counter-rotate against head motion; lids follow the gaze -----------
-        eyes = eye - VOR_GAIN * head6[:, :2] + offsets[:, CH["gaze_yaw"]:CH["gaze_pitch"] + 1]
-        base = (offsets[:, CH["blink_left"]:CH["blink_right"] + 1]
-                + LID_FOLLOWS_GAZE * eyes[:, 1:2].clamp(min=0.0)).clamp(0.0, 0.5)
-        lids = base + (1.0 - base) * (lid * torch.cat([torch.ones_like(asym), 1.0 - BLINK_ASYM * asym], dim=1))
+        eyes = eye - K.VOR_GAIN * head6[:, :2] + o["gaze"]
+        base = (o["lids"] + K.LID_FOLLOWS_GAZE * eyes[:, 1:].clamp(min=0.0)).clamp(0.0, 0.5)
+        lids = base + (K.ONE - base) * (lid * b["gain"])
 
-        jaw_out = jaw + offsets[:, CH["jaw_open"]:CH["jaw_open"] + 1] * (1.0 - press)
-        motion = torch.cat([head6, jaw_out, wide, round_, press, zero, zero, zero, zero, self.brow_shape * env,
-                            lids, zero, zero, eyes], dim=1) + offsets * self.added_last
+        motion = torch.cat([head6, jaw + o["jaw"] * open_, lips + o["lips"], press + o["press"], o["mouth"],
+                            o["brows"] + self.brow_shape * env, lids, o["eyes"], eyes], dim=1)
         motion = torch.minimum(torch.maximum(motion, self.low), self.high)
 
         prosody = PROSODY.pack(dict(
@@ -447,10 +484,10 @@ class MotionGenerator(nn.Module):
             boost_avg=boost_avg))
         timers = TIMERS.pack(dict(silence=silence, since_boundary=since_boundary, since_stress=since_stress,
                                   since_saccade=since_saccade, since_shift=since_shift, blink=t))
-        mouth = MOUTH.pack(dict(jaw=jaw, wide=wide, round=round_, press=press))
+        mouth = MOUTH.pack(dict(jaw=jaw, lips=lips, press=press))
+        nod = NOD.pack(dict(pos=nod_pos, vel=nod_vel, drive=nod_drive))
         head = HEAD.pack(dict(breath_phase=phase, breath_rate=breath_rate, follow=follow))
         gaze = GAZE.pack(dict(eye=eye, micro=micro, avert=avert, wander=wander, avert_left=avert_left))
         brow = BROW.pack(dict(peak=peak, env=env))
-        nod = NOD.pack(dict(pos=nod_pos, vel=nod_vel, drive=nod_drive))
         return (motion, controls_a, controls_b, mouth, prosody, timers, drift_a, drift_b, nod, head, blink, gaze,
                 brow)
