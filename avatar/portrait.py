@@ -77,6 +77,8 @@ class Portrait:
     n_faces:      faces found in the photo; face_index: the one used (0 = largest)
     source_box:   (4,) float32 x0, y0, x1, y1 of the framed square in the source photo's pixels
                   (upright, full resolution); it may reach outside the photo, where the frame is filled
+    head_distance: the framing used: the one asked for, or less where the photo is too tightly
+                  cropped for it (never less than 1.0 on that account)
     """
 
     image: np.ndarray
@@ -93,6 +95,7 @@ class Portrait:
     n_faces: int = 1
     face_index: int = 0
     source_box: np.ndarray | None = None
+    head_distance: float = DEFAULT_HEAD_DISTANCE
 
     @property
     def size(self) -> int:
@@ -306,6 +309,26 @@ def _framing(eye_mid: np.ndarray, face_center_x: float, face_width: float, head_
     side = max(1, round(face_width / FACE_WIDTH_FRACTION * head_distance))
     return _Crop(float(round(face_center_x - side / 2)), float(round(eye_mid[1] - EYE_LINE_FRACTION * side)),
                  float(side))
+
+
+MIN_PHOTO_IN_FRAME = 0.5  # a farther framing may not make more than half the frame invented fill
+
+
+def _photo_fraction(crop: _Crop, w: int, h: int) -> float:
+    ix = max(0.0, min(crop.x0 + crop.side, w) - max(crop.x0, 0.0))
+    iy = max(0.0, min(crop.y0 + crop.side, h) - max(crop.y0, 0.0))
+    return ix * iy / crop.side**2
+
+
+def _fit_distance(eye_mid: np.ndarray, center_x: float, face_width: float, head_distance: float,
+                  w: int, h: int) -> float:
+    """`head_distance`, or less where a farther framing would be mostly beyond the photo: a
+    tightly cropped photo cannot show the shoulders and wall that a wide framing asks for.
+    Never closer than 1.0 (or the request) on this account; closer framings are the user's."""
+    d, floor = head_distance, min(head_distance, 1.0)
+    while d > floor and _photo_fraction(_framing(eye_mid, center_x, face_width, d), w, h) < MIN_PHOTO_IN_FRAME:
+        d = max(floor, d - 0.05)
+    return d
 
 
 def _push_pull(img: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -553,7 +576,12 @@ def analyze_portrait(source, *, head_distance: float = DEFAULT_HEAD_DISTANCE,
         src = crop.to_source(lm)
         eyes_src = np.stack([src[RIGHT_IRIS[0], :2], src[LEFT_IRIS[0], :2]])
         center_x = float(src[list(FACE_OVAL), 0].mean())
-        crop = _framing(eyes_src.mean(axis=0), center_x, _face_width(src), head_distance)
+        used = _fit_distance(eyes_src.mean(axis=0), center_x, _face_width(src), head_distance,
+                             image.shape[1], image.shape[0])
+        if used < head_distance:
+            log.info("head distance %.2f would frame mostly beyond the edges of %s; using %.2f",
+                     head_distance, name, used)
+        crop = _framing(eyes_src.mean(axis=0), center_x, _face_width(src), used)
         frame, beyond = _cut(image, crop)
         lm = _pick_mesh(_meshes(mesh, frame), crop.to_frame(eyes_src))
         if lm is None:
@@ -572,6 +600,6 @@ def analyze_portrait(source, *, head_distance: float = DEFAULT_HEAD_DISTANCE,
     face_box = np.array([*xy.min(axis=0), *xy.max(axis=0)], np.float32)
     return Portrait(image=frame, landmarks=lm.astype(np.float32), face_box=face_box, person_mask=person,
                     background=background, source_hash=source_hash, n_faces=len(faces),
-                    face_index=face_index,
+                    face_index=face_index, head_distance=used,
                     source_box=np.array([crop.x0, crop.y0, crop.x0 + crop.side, crop.y0 + crop.side],
                                         np.float32) * np.float32(src_scale), **masks)

@@ -155,6 +155,7 @@ def test_array_source_matches_path_source(astro, astro_rgb):
 
 def test_head_distance_changes_face_size(astro, astro_rgb):
     far = analyze_portrait(astro_rgb, head_distance=1.5)
+    assert far.head_distance == 1.5 and astro.head_distance == 1.0
     w1 = np.linalg.norm(astro.landmarks[454] - astro.landmarks[234])
     w15 = np.linalg.norm(far.landmarks[454] - far.landmarks[234])
     assert w15 == pytest.approx(w1 / 1.5, rel=0.05)
@@ -163,6 +164,18 @@ def test_head_distance_changes_face_size(astro, astro_rgb):
     edge = np.concatenate([far.image[:4].reshape(-1, 3), far.image[-4:].reshape(-1, 3),
                            far.image[:, :4].reshape(-1, 3), far.image[:, -4:].reshape(-1, 3)])
     assert (edge.max(axis=1) < 20).mean() < 0.05
+
+
+def test_far_framing_is_limited_by_the_photo(astro_rgb):
+    # the astronaut's face in a photo cut just below the chin: a framing at 2.5 would be mostly
+    # invented fill, so it is limited, but never below 1.0
+    cut = np.ascontiguousarray(astro_rgb[40:300, 110:360])
+    p = analyze_portrait(cut, head_distance=2.5)
+    assert 1.0 <= p.head_distance < 2.0
+    x0, y0, x1, y1 = p.source_box
+    inside = (min(x1, cut.shape[1]) - max(x0, 0)) * (min(y1, cut.shape[0]) - max(y0, 0))
+    assert inside / (x1 - x0) ** 2 >= 0.45
+    assert analyze_portrait(cut, head_distance=0.8).head_distance == 0.8  # closer: as asked
 
 
 def test_head_distance_out_of_range(astro_rgb):
