@@ -1,0 +1,555 @@
+"""Engine runtimes: the registry, the torch and onnxruntime back-ends against the torch reference
+(in the lead's Pipeline unchanged, and as whole-frame FrameEngines), and the TensorRT code paths
+against a fake `tensorrt` module that records every call and computes with onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avatar.constants import SAMPLES_PER_FRAME
+from avatar.controls import Controls, controls_tensor
+from avatar.errors import AvatarError
+from avatar.pipeline import Engines, Pipeline
+from engines import export as ex
+from engines import runtime as rt
+from engines.audio_encoder import load_audio_encoder
+from engines.face_decoder import FaceDecoder
+from engines.motion_generator import MotionGenerator
+
+RENDER_EVERY = 20  # frames rendered in the free-running comparisons (the decoder dominates test time)
+
+
+@pytest.fixture(scope="session")
+def rig(rig_cache):
+    return ex.reference_rig()
+
+
+@pytest.fixture(scope="session")
+def voice():
+    return ex.read_voice(seconds=3.0)
+
+
+@pytest.fixture(scope="session")
+def controls():
+    return controls_tensor(Controls(mood="happy", seed=3))
+
+
+@pytest.fixture(scope="session")
+def engines():
+    return Engines(encoder=load_audio_encoder("dsp"), generator=MotionGenerator().eval(), decoder=FaceDecoder().eval())
+
+
+def _pixel_errors(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return float(d.mean()), float(d.max())
+
+
+def _free_run(reference: Pipeline, other, voice, *, frame_engine: bool = False, seed: int = 0):
+    """Run both for every tick of `voice` from their own state; return the worst motion error and
+    the worst (mean, max) pixel errors over the rendered ticks."""
+    noise = torch.Generator().manual_seed(seed)
+    worst_motion, worst_mean, worst_max, rendered = 0.0, 0.0, 0.0, 0
+    for t, tick in enumerate(voice.reshape(-1, SAMPLES_PER_FRAME).numpy()):
+        render = t % RENDER_EVERY == RENDER_EVERY - 1
+        motion = reference.motion_step(tick)
+        if frame_engine:
+            frame = other.step(tick, reference.controls, torch.rand(1, other.n_noise, generator=noise), render=render)
+            got_motion = other.last_motion
+        else:
+            got_motion = other.motion_step(tick)
+            frame = other.render(got_motion) if render else None
+        worst_motion = max(worst_motion, float((got_motion - motion).abs().max()))
+        if render:
+            mean, mx = _pixel_errors(reference.render(motion), frame)
+            worst_mean, worst_max, rendered = max(worst_mean, mean), max(worst_max, mx), rendered + 1
+    assert rendered >= 3
+    return worst_motion, worst_mean, worst_max
+
+
+# ---- registry -------------------------------------------------------------------------------------
+
+class _FakeBackend(rt.Backend):
+    name = "fake"
+    made: list[dict] = []
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        _FakeBackend.made.append(options)
+
+    def runner(self, name, module):
+        return rt.EngineRunner(name, module, lambda *x: (module(*x),) if name == "face" else module(*x))
+
+
+def test_registry_creates_backends_by_name(monkeypatch):
+    monkeypatch.setattr(rt, "_BACKENDS", dict(rt._BACKENDS))
+    rt.register_backend("fake", _FakeBackend)
+    assert {"auto", "torch", "onnxruntime", "tensorrt", "fake"} <= set(rt.backend_names())
+    backend = rt.create_backend("fake", threads=3)
+    assert isinstance(backend, _FakeBackend) and _FakeBackend.made[-1] == {"threads": 3}
+    with pytest.raises(AvatarError, match="unknown engine back-end 'nope'.*torch"):
+        rt.create_backend("nope")
+    with pytest.raises(ValueError):
+        rt.register_backend("auto", _FakeBackend)
+
+
+def test_a_registered_backend_runs_in_the_pipeline_unchanged(monkeypatch, engines, rig, controls, voice):
+    monkeypatch.setattr(rt, "_BACKENDS", dict(rt._BACKENDS))
+    rt.register_backend("fake", _FakeBackend)
+    wrapped = rt.create_backend("fake").engines(engines)
+    assert isinstance(wrapped.encoder, rt.EngineRunner)
+    assert wrapped.encoder.lookahead_frames == engines.encoder.lookahead_frames
+    assert wrapped.generator.N_NOISE == engines.generator.N_NOISE
+    ref = Pipeline(engines, rig.inputs(), controls, seed=5)
+    other = Pipeline(wrapped, rig.inputs(), controls, seed=5)
+    motion, mean, mx = _free_run(ref, other, voice[: 3 * RENDER_EVERY * SAMPLES_PER_FRAME])
+    assert motion == 0.0 and mx == 0.0
+
+
+def test_auto_without_cuda_picks_the_cpu_default(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    backend = rt.create_backend("auto")
+    assert backend.name == rt.CPU_DEFAULT and backend.device.type == "cpu"
+
+
+def test_auto_with_cuda_but_no_plans_falls_back_to_torch_cuda(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT())
+    monkeypatch.setattr(rt, "gpu_identity", lambda device="cuda": dict(GPU))
+    backend = rt.create_backend("auto", plan_dir=tmp_path)
+    assert backend.name == "torch" and backend.device.type == "cuda"
+    assert "build_engines.py" in caplog.text
+
+
+# ---- torch and onnxruntime against the reference ----------------------------------------------------
+
+def test_torch_cpu_frame_engine_is_the_pipeline_exactly(engines, rig, controls, voice):
+    """The FrameEngine on torch CPU is the same arithmetic as the Pipeline: bit-identical."""
+    frames = rt.create_backend("torch").frame_engine(engines, rig.inputs())
+    assert frames.lookahead_frames == engines.encoder.lookahead_frames
+    ref = Pipeline(engines, rig.inputs(), controls, seed=7)
+    motion, mean, mx = _free_run(ref, frames, voice, frame_engine=True, seed=7)
+    assert motion == 0.0 and mx == 0.0
+    assert frames.step(voice[:SAMPLES_PER_FRAME].numpy(), controls, torch.rand(1, frames.n_noise), render=False) is None
+    frames.reset()
+    ref.reset()
+    first = frames.step(voice[:SAMPLES_PER_FRAME].numpy(), controls, torch.rand(1, frames.n_noise,
+                        generator=torch.Generator().manual_seed(7)))
+    assert first.shape == (512, 512, 3) and first.dtype == np.uint8
+    assert torch.equal(frames.last_motion, ref.motion_step(voice[:SAMPLES_PER_FRAME].numpy()))
+
+
+def test_frame_engine_checks_its_inputs(engines, rig, controls):
+    frames = rt.create_backend("torch").frame_engine(engines, rig.inputs())
+    noise = torch.rand(1, frames.n_noise)
+    with pytest.raises(ValueError, match=r"expected samples \(400,\) float32"):
+        frames.step(np.zeros(399, np.float32), controls, noise)
+    with pytest.raises(ValueError, match="expected samples"):
+        frames.step(np.zeros(400, np.float64), controls, noise)
+    with pytest.raises(ValueError, match="expected noise"):
+        frames.step(np.zeros(400, np.float32), controls, noise[:, :3])
+    with pytest.raises(ValueError, match="expected controls"):
+        frames.step(np.zeros(400, np.float32), controls[:, :5], noise)
+
+
+@pytest.fixture(scope="module")
+def ort_backend(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    return rt.create_backend("onnxruntime", cache_dir=tmp_path_factory.mktemp("onnx"))
+
+
+def test_onnxruntime_engines_in_the_pipeline_match_torch(ort_backend, engines, rig, controls, voice):
+    """Free-running over 3 s of the voice, each from its own state: motion within 1e-3, pixels
+    within 2/255 mean and 8/255 max."""
+    ref = Pipeline(engines, rig.inputs(), controls, seed=11)
+    other = Pipeline(ort_backend.engines(engines), rig.inputs(), controls, seed=11)
+    motion, mean, mx = _free_run(ref, other, voice)
+    assert motion <= 1e-3, motion
+    assert mean <= 2.0 and mx <= 8.0, (mean, mx)
+
+
+def test_onnxruntime_frame_engine_matches_torch(ort_backend, engines, rig, controls, voice):
+    frames = ort_backend.frame_engine(engines, rig.inputs(), timing=True)
+    ref = Pipeline(engines, rig.inputs(), controls, seed=13)
+    motion, mean, mx = _free_run(ref, frames, voice, frame_engine=True, seed=13)
+    assert motion <= 1e-3, motion
+    assert mean <= 2.0 and mx <= 8.0, (mean, mx)
+    assert set(frames.stage_ms) == {"audio", "motion", "face"} and all(v > 0 for v in frames.stage_ms.values())
+
+
+def test_onnxruntime_without_a_gpu_provider_says_so():
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(AvatarError, match="no CUDA or TensorRT execution provider"):
+        rt.create_backend("onnxruntime", device="cuda")
+    with pytest.raises(AvatarError, match="lacks the execution provider"):
+        rt.create_backend("onnxruntime", providers=["TensorrtExecutionProvider"])
+
+
+def test_engines_create_no_tensors_off_their_device(engines, rig, controls):
+    """Every engine runs with all inputs and buffers on the `meta` device: a tensor made without
+    device= (which would land on the CPU and break CUDA) fails here, on a machine without a GPU."""
+    meta = torch.device("meta")
+    calls = {
+        "audio": (torch.zeros(1, SAMPLES_PER_FRAME), *engines.encoder.initial_state(1)),
+        "motion": (torch.zeros(1, 7), controls, torch.zeros(1, engines.generator.N_NOISE),
+                   *engines.generator.initial_state(1)),
+        "face": (torch.zeros(1, 24), *rig.inputs()),
+    }
+    failures = {}
+    for name, module in zip(ex.ENGINE_NAMES, (engines.encoder, engines.generator, engines.decoder)):
+        import copy
+
+        on_meta = copy.deepcopy(module).to(meta)
+        try:
+            with torch.no_grad():
+                out = on_meta(*(t.to(meta) for t in calls[name]))
+            out = (out,) if isinstance(out, torch.Tensor) else out
+            assert all(o.device == meta for o in out)
+        except (RuntimeError, AssertionError) as e:
+            failures[name] = str(e).splitlines()[0]
+    assert not failures, failures
+
+
+# ---- TensorRT, against a fake tensorrt module -------------------------------------------------------
+
+GPU = {"gpu": "NVIDIA Fake 80GB", "compute_capability": "9.0", "cuda": "13.0"}
+
+
+class _Enum:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"DataType.{self.name}"
+
+
+class FakeTensorRT(types.ModuleType):
+    """A stand-in for the `tensorrt` module, enough for build_engines.py and engines/runtime.py.
+
+    The builder "parses" an ONNX file and its "plan" is that file's bytes behind a header; the
+    runtime "deserializes" a plan into an engine that runs the ONNX graph with onnxruntime on the
+    buffers bound by address (CPU or CUDA), so parity tests exercise the real binding logic.
+    Every call is recorded in `calls`.
+    """
+
+    PLAN_MAGIC = b"FAKEPLAN1\n"
+
+    def __init__(self, version="10.9.0", *, fp16_flag=None):
+        super().__init__("tensorrt")
+        self.__version__ = version
+        major = int(version.split(".")[0])
+        fp16_flag = (major < 11) if fp16_flag is None else fp16_flag
+        self.calls: list[tuple] = []
+        fake = self
+
+        class DataType:
+            FLOAT, HALF, INT8, INT32, BOOL, UINT8, INT64, BF16 = (_Enum(n) for n in (
+                "FLOAT", "HALF", "INT8", "INT32", "BOOL", "UINT8", "INT64", "BF16"))
+        self.DataType = DataType
+        self.TensorIOMode = types.SimpleNamespace(INPUT=_Enum("INPUT"), OUTPUT=_Enum("OUTPUT"))
+        flags = {"TF32": _Enum("TF32")}
+        if fp16_flag:
+            flags["FP16"] = _Enum("FP16")
+        self.BuilderFlag = types.SimpleNamespace(**flags)
+        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=_Enum("STRONGLY_TYPED"))
+        self.NetworkDefinitionCreationFlag.STRONGLY_TYPED.value = 1
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE=_Enum("WORKSPACE"))
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, severity=2):
+                fake.calls.append(("Logger", severity))
+        self.Logger = Logger
+
+        class IProgressMonitor:
+            def __init__(self):
+                pass
+        self.IProgressMonitor = IProgressMonitor
+
+        class TimingCache:
+            def __init__(self, data=b""):
+                self.data = data
+
+            def serialize(self):
+                return b"TIMING" + bytes(self.data[-8:])
+
+        class Config:
+            def __init__(self):
+                self.flags, self.cache, self.progress_monitor = [], None, None
+
+            def set_flag(self, flag):
+                fake.calls.append(("set_flag", flag.name))
+                self.flags.append(flag.name)
+
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("set_memory_pool_limit", pool.name, size))
+
+            def create_timing_cache(self, data):
+                fake.calls.append(("create_timing_cache", len(data)))
+                return TimingCache(data)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                fake.calls.append(("set_timing_cache", ignore_mismatch))
+                self.cache = cache
+                return True
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Network:
+            def __init__(self, flags):
+                self.flags = flags
+                self.onnx = None
+
+        class Builder:
+            def __init__(self, logger):
+                fake.calls.append(("Builder",))
+
+            def create_network(self, flags=0):
+                fake.calls.append(("create_network", flags))
+                return Network(flags)
+
+            def create_builder_config(self):
+                return Config()
+
+            def build_serialized_network(self, network, config):
+                fake.calls.append(("build_serialized_network", tuple(config.flags), network.flags))
+                if fake.fail_build:
+                    return None
+                header = json.dumps({"flags": config.flags}).encode() + b"\n"
+                return memoryview(fake.PLAN_MAGIC + header + network.onnx)
+        self.Builder = Builder
+        self.fail_build = False
+
+        class OnnxParser:
+            def __init__(self, network, logger):
+                self.network = network
+                self.num_errors = 0
+
+            def parse(self, data):
+                fake.calls.append(("parse", len(data)))
+                import onnx
+
+                try:
+                    onnx.checker.check_model(onnx.load_from_string(bytes(data)))
+                except Exception as e:  # noqa: BLE001 - the parser reports, it does not raise
+                    self.num_errors, self.error = 1, str(e)
+                    return False
+                self.network.onnx = bytes(data)
+                return True
+
+            def get_error(self, i):
+                return self.error
+        self.OnnxParser = OnnxParser
+
+        class Runtime:
+            def __init__(self, logger):
+                fake.calls.append(("Runtime",))
+
+            def deserialize_cuda_engine(self, plan):
+                fake.calls.append(("deserialize_cuda_engine", len(plan)))
+                plan = bytes(plan)
+                if not plan.startswith(fake.PLAN_MAGIC):
+                    return None
+                header, onnx_bytes = plan[len(fake.PLAN_MAGIC):].split(b"\n", 1)
+                return FakeEngine(fake, onnx_bytes, json.loads(header)["flags"])
+        self.Runtime = Runtime
+
+
+_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8,
+       "BOOL": np.bool_, "INT8": np.int8}
+_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.int64, "INT32": torch.int32,
+          "UINT8": torch.uint8, "BOOL": torch.bool, "INT8": torch.int8}
+
+
+class FakeEngine:
+    def __init__(self, trt, onnx_bytes, flags):
+        import onnx
+        import onnxruntime as ort
+
+        self.trt = trt
+        model = onnx.load_from_string(onnx_bytes)
+        onnx_types = {1: "FLOAT", 10: "HALF", 7: "INT64", 6: "INT32", 2: "UINT8", 9: "BOOL", 3: "INT8"}
+        self.io = []
+        for value, mode in [(v, trt.TensorIOMode.INPUT) for v in model.graph.input] + \
+                [(v, trt.TensorIOMode.OUTPUT) for v in model.graph.output]:
+            t = value.type.tensor_type
+            self.io.append((value.name, mode, tuple(d.dim_value for d in t.shape.dim), onnx_types[t.elem_type]))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+        self.flags = flags
+
+    @property
+    def num_io_tensors(self):
+        return len(self.io)
+
+    def get_tensor_name(self, i):
+        return self.io[i][0]
+
+    def _find(self, name):
+        return next(x for x in self.io if x[0] == name)
+
+    def get_tensor_mode(self, name):
+        return self._find(name)[1]
+
+    def get_tensor_shape(self, name):
+        return self._find(name)[2]
+
+    def get_tensor_dtype(self, name):
+        return getattr(self.trt.DataType, self._find(name)[3])
+
+    def create_execution_context(self):
+        self.trt.calls.append(("create_execution_context",))
+        return FakeContext(self)
+
+
+class FakeContext:
+    """Runs the graph on whatever memory is bound: views made from the raw addresses."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.addresses: dict[str, int] = {}
+
+    def set_tensor_address(self, name, address):
+        self.engine.trt.calls.append(("set_tensor_address", name))
+        self.addresses[name] = int(address)
+        return True
+
+    def execute_async_v3(self, stream_handle):
+        self.engine.trt.calls.append(("execute_async_v3", stream_handle))
+        views = {name: _view(self.addresses[name], shape, dtype, stream_handle)
+                 for name, _, shape, dtype in self.engine.io}
+        inputs = [n for n, mode, _, _ in self.engine.io if mode is self.engine.trt.TensorIOMode.INPUT]
+        outputs = [n for n, mode, _, _ in self.engine.io if mode is self.engine.trt.TensorIOMode.OUTPUT]
+        cuda = stream_handle != 0 and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.ExternalStream(stream_handle).synchronize()
+        feed = {n: views[n].cpu().numpy() for n in inputs}
+        results = self.engine.session.run(outputs, feed)
+        for n, value in zip(outputs, results):
+            views[n].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+        if cuda:
+            torch.cuda.synchronize()
+        return True
+
+
+def _view(address: int, shape, dtype: str, stream_handle: int) -> torch.Tensor:
+    """A tensor over existing memory at `address` (no copy): CPU via numpy's array interface, CUDA
+    via __cuda_array_interface__."""
+    np_dtype = np.dtype(_NP[dtype])
+    if stream_handle != 0 and torch.cuda.is_available():
+        holder = types.SimpleNamespace(__cuda_array_interface__={
+            "shape": tuple(shape), "typestr": np_dtype.str, "data": (address, False), "version": 2, "strides": None})
+        return torch.as_tensor(holder, device="cuda")
+    holder = types.SimpleNamespace(__array_interface__={
+        "shape": tuple(shape), "typestr": np_dtype.str, "data": (address, False), "version": 3})
+    return torch.from_numpy(np.asarray(holder))
+
+
+class _CpuStream:
+    """What TensorRTEngine.enqueue needs of a stream, for CPU buffers under the fake."""
+
+    cuda_stream = 0
+
+
+@pytest.fixture()
+def fake_trt(monkeypatch):
+    fake = FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    return fake
+
+
+def test_manifest_mismatches_are_one_clear_rebuild_message(tmp_path):
+    manifest = {"format": rt.MANIFEST_FORMAT, "tensorrt": "10.9.0", **GPU,
+                "engines": {"face": {"onnx_hash": "abc", "plan": "face.plan"}}}
+    rt.check_manifest(manifest, identity=GPU, version="10.9.0", hashes={"face": "abc"})  # all fine
+
+    cases = [
+        ({**GPU, "gpu": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}, "10.9.0", {},
+         "built for NVIDIA Fake 80GB .compute 9.0., TensorRT 10.9.0, this machine has NVIDIA GeForce RTX 4090"),
+        (GPU, "11.0.0", {}, "built with TensorRT 10.9.0, this is TensorRT 11.0.0"),
+        (GPU, "10.9.0", {"face": "def"}, "built from other engine code or weights"),
+        (GPU, "10.9.0", {"audio": "abc"}, "no TensorRT engine for the audio engine"),
+    ]
+    for identity, version, hashes, message in cases:
+        with pytest.raises(AvatarError, match=message) as info:
+            rt.check_manifest(manifest, identity=identity, version=version, hashes=hashes)
+        text = str(info.value)
+        assert "python build_engines.py" in text and "\n" not in text
+
+    with pytest.raises(AvatarError, match="no TensorRT engines in .*python build_engines.py"):
+        rt.read_manifest(tmp_path)
+    (tmp_path / rt.MANIFEST).write_text("{not json")
+    with pytest.raises(AvatarError, match="unreadable.*build_engines.py"):
+        rt.read_manifest(tmp_path)
+    (tmp_path / rt.MANIFEST).write_text(json.dumps({"format": 0}))
+    with pytest.raises(AvatarError, match="format 0"):
+        rt.read_manifest(tmp_path)
+
+
+def test_tensorrt_missing_is_an_avatar_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails
+    with pytest.raises(AvatarError, match="TensorRT is not installed"):
+        rt.create_backend("tensorrt")
+
+
+def test_tensorrt_backend_without_cuda_is_an_avatar_error(fake_trt, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(AvatarError, match="needs an NVIDIA GPU"):
+        rt.create_backend("tensorrt")
+
+
+def _fake_plan(trt, path: Path) -> bytes:
+    return trt.PLAN_MAGIC + b'{"flags": []}\n' + path.read_bytes()
+
+
+def test_tensorrt_engine_binds_every_tensor_by_name(fake_trt, engines, tmp_path):
+    exported = ex.export_engine("motion", engines.generator, cache_dir=tmp_path)
+    engine = rt.TensorRTEngine(fake_trt, _fake_plan(fake_trt, exported.path), name="motion",
+                               device=torch.device("cpu"), contexts=2)
+    engine.check_io(exported.io)
+    assert engine.inputs == list(exported.io.inputs) and engine.outputs == list(exported.io.outputs)
+    bound = [c[1] for c in fake_trt.calls if c[0] == "set_tensor_address"]
+    assert sorted(bound) == sorted(list(exported.io.inputs + exported.io.outputs) * 2)  # both contexts
+    for k in range(2):
+        for name, buf in engine.buffers[k].items():
+            assert engine.contexts[k].addresses[name] == buf.data_ptr()
+            assert tuple(buf.shape) == engine.specs[name][0]
+    assert engine.specs["motion"] == ((1, 24), torch.float32)
+
+    with pytest.raises(ValueError, match="needs a contiguous"):
+        engine.bind("motion", torch.zeros(1, 23))
+    with pytest.raises(AvatarError, match="I/O"):
+        engine.check_io(ex.EngineIO(("features",), ("motion",)))
+
+    inputs = ex.example_inputs("motion", engines.generator)
+    inputs = (torch.rand(1, 7), *inputs[1:])
+    got = engine(*inputs)
+    with torch.no_grad():
+        expected = engines.generator(*inputs)
+    assert float((got[0] - expected[0]).abs().max()) <= 1e-5
+    assert ("execute_async_v3", 0) in fake_trt.calls
+
+
+def test_tensorrt_engine_refuses_bad_plans(fake_trt):
+    with pytest.raises(AvatarError, match="could not load the face engine.*build_engines.py"):
+        rt.TensorRTEngine(fake_trt, b"garbage", name="face", device=torch.device("cpu"))
+
+
+def test_tensorrt_type_table(fake_trt):
+    assert rt._torch_dtype(fake_trt, fake_trt.DataType.UINT8) == torch.uint8
+    assert rt._torch_dtype(fake_trt, fake_trt.DataType.INT64) == torch.int64
+    assert rt._torch_dtype(fake_trt, fake_trt.DataType.HALF) == torch.float16
+    with pytest.raises(AvatarError, match="does not handle"):
+        rt._torch_dtype(fake_trt, _Enum("FP4"))
