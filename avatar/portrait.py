@@ -108,8 +108,6 @@ class Portrait:
 
 def _to_rgb8(img) -> np.ndarray:
     """Any Pillow image mode -> (H, W, 3) uint8 RGB; alpha composited over ALPHA_BACKGROUND."""
-    from PIL import Image
-
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # 16-bit / 32-bit grayscale: Pillow's convert("L") clips at 255, so scale by the range.
@@ -515,6 +513,8 @@ def _background(frame: np.ndarray, person: np.ndarray, beyond: np.ndarray) -> np
 
 
 def _quiet_mediapipe() -> None:
+    # mediapipe's C++ logging (glog/absl) prints several lines per graph to stderr; these only take
+    # effect before mediapipe is first imported, and setdefault leaves a caller's choice alone
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -564,9 +564,10 @@ def analyze_portrait(source, *, head_distance: float = DEFAULT_HEAD_DISTANCE,
 
     with sol.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=8, refine_landmarks=True,
                                 min_detection_confidence=0.5) as mesh:
-        # pass 1: frame from the detection box (its width is ~0.8x the face-oval width)
+        # pass 1: frame from the detection box (its width is 1.04-1.12x the mesh's face width,
+        # measured on the astronaut, Grace Hopper and a 12 MP photo)
         eye_mid = face.eyes.mean(axis=0)
-        crop = _framing(eye_mid, float(eye_mid[0]), face.width / 0.8, 1.0)
+        crop = _framing(eye_mid, float(eye_mid[0]), face.width / 1.05, 1.0)
         frame, _ = _cut(image, crop)
         lm = _pick_mesh(_meshes(mesh, frame), crop.to_frame(face.eyes[[0, 1]]))
         if lm is None:
