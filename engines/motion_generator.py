@@ -228,23 +228,6 @@ for _group, _names in (("lips", ("lips_wide", "lips_round")), ("press", ("lips_p
     assert NAMES[MOTION_GROUPS.slices[_group]] == _names, _group
 
 
-def _nod_step(pos, vel, drive):
-    """One frame of a nod spring pushed toward `drive` (a decaying pulse), damped (semi-implicit Euler)."""
-    w = 2.0 * math.pi * NOD_HZ
-    vel = vel * (1.0 - 2.0 * NOD_DAMPING * w * DT) + (w * w * DT) * (drive - pos)
-    return pos + DT * vel, vel, drive * math.exp(-DT / NOD_DRIVE_TAU)
-
-
-def _nod_kick_gain() -> float:
-    """Pulse height per degree that makes the nod spring peak at the kick's size."""
-    pos, vel, drive, peak = 0.0, 0.0, 1.0, 0.0
-    for _ in range(FPS):
-        pos, vel, drive = _nod_step(pos, vel, drive)
-        peak = max(peak, pos)
-    return 1.0 / peak
-
-
-NOD_KICK = _nod_kick_gain()
 
 
 class _Constants:
@@ -272,7 +255,7 @@ K = _Constants(
     BREATH_WOBBLE=2.0 * math.pi * BREATH_HZ * DT * BREATH_JITTER
     / math.sqrt(_alpha(BREATH_RATE_TAU) / (2.0 - _alpha(BREATH_RATE_TAU))),  # per unit of the rate AR(1)'s std
     BREATH_TALK_DROP=1.0 - BREATH_TALKING, ALIVE=ALIVE, MICRO_ALIVE=MICRO_ALIVE, GAZE_FOLLOW=GAZE_FOLLOW,
-    AVERT_FOLLOW=AVERT_FOLLOW, NOD_KICK=NOD_KICK, BROW_STRESS_SHARE=BROW_STRESS_SHARE, BROW_STRESS=BROW_STRESS[0],
+    AVERT_FOLLOW=AVERT_FOLLOW, BROW_STRESS_SHARE=BROW_STRESS_SHARE, BROW_STRESS=BROW_STRESS[0],
     BROW_STRESS_EXTRA=BROW_STRESS[1] / BROW_STRESS_SHARE, BROW_ONSET=BROW_ONSET, BROW_ONSET_DRAW=0.4,
     BROW_PITCH=BROW_PITCH, BROW_PITCH_DEADBAND=BROW_PITCH_DEADBAND, BROW_DECAY=-DT / BROW_HOLD_TAU,
     TALK_BLINK_GAIN=TALK_BLINK_GAIN, MIN_RATE=0.01, MIN_GAP=0.1, BLINK_FIXED_S=MEAN_BLINK_S + BLINK_REFRACTORY,
@@ -285,9 +268,34 @@ K = _Constants(
 )
 
 
+def _nod_step(pos, vel, drive):
+    """One frame of a nod spring pushed toward `drive` (a decaying pulse), damped; semi-implicit Euler.
+    Works on tensors and on Python numbers (for the calibration below)."""
+    vel = vel * K.NOD_DAMP + (drive - pos) * K.NOD_STIFF
+    return pos + vel * K.DT, vel, drive * K.NOD_DRIVE_DECAY
+
+
+def _nod_kick_gain() -> float:
+    """Pulse height per degree that makes the nod spring peak at the kick's size."""
+    pos, vel, drive, peak = 0.0, 0.0, 1.0, 0.0
+    for _ in range(FPS):
+        pos, vel, drive = _nod_step(pos, vel, drive)
+        peak = max(peak, float(pos))
+    return 1.0 / peak
+
+
+NOD_KICK = _nod_kick_gain()
+K.NOD_KICK = torch.tensor(NOD_KICK)
+
+
 def _smoothstep(x: Tensor) -> Tensor:
     x = x.clamp(0.0, 1.0)
     return x * x * (K.SMOOTH_3 - K.SMOOTH_2 * x)
+
+
+def _pick(condition: Tensor, a: Tensor, b: Tensor, like: Tensor) -> Tensor:
+    """torch.where between two constants, in the dtype the engine computes in (float16 export too)."""
+    return torch.where(condition, a, b).to(like.dtype)
 
 
 def _row(values) -> Tensor:
@@ -360,7 +368,7 @@ class MotionGenerator(nn.Module):
         phrase_end = (silence >= K.BOUNDARY_S) & (silence < K.BOUNDARY_END)
         since_boundary = torch.where(onset | phrase_end, zero, ages["since_boundary"])
         talking = silence < K.PAUSE_S  # holds through closures and short gaps
-        speaking = talking.float()
+        speaking = talking.to(zero.dtype)
         activity = p["activity"].lerp(speaking, _alpha(ACTIVITY_TAU))
 
         # running averages over speech: a plain mean over the first frames, then an EMA
@@ -385,7 +393,7 @@ class MotionGenerator(nn.Module):
         press = torch.where(press_target > m["press"], press_target, m["press"].lerp(press_target, A_PRESS_RELEASE))
         open_ = K.ONE - press
         jaw_target = f["jaw_open"] * ((loud - threshold) * K.JAW_GATE_GAIN + K.HALF).clamp(0.0, 1.0)
-        jaw = m["jaw"].lerp(jaw_target, torch.where(jaw_target > m["jaw"], K.A_JAW_OPEN, K.A_JAW_CLOSE)) * open_
+        jaw = m["jaw"].lerp(jaw_target, _pick(jaw_target > m["jaw"], K.A_JAW_OPEN, K.A_JAW_CLOSE, zero)) * open_
         lips = m["lips"].lerp(features[:, 1:3] * speaking, A_LIPS)  # (B, 2) wide, round
 
         # ---- gaze, (B, 2) = (yaw, pitch): saccadic jumps between targets -------------------------
@@ -424,10 +432,8 @@ class MotionGenerator(nn.Module):
         kick = torch.where(stress, (self.stress_low + self.stress_span * n["nod"]) * strength, zero) + torch.where(
             onset, self.onset_low + self.onset_span * n["nod"], zero)
         nods = NOD.unpack(nod)
-        nod_drive = nods["drive"] + kick * (c["nod_gain"] * expr * K.NOD_KICK)
-        nod_vel = nods["vel"] * K.NOD_DAMP + (nod_drive - nods["pos"]) * K.NOD_STIFF  # same as _nod_step
-        nod_pos = nods["pos"] + nod_vel * K.DT
-        nod_drive = nod_drive * K.NOD_DRIVE_DECAY
+        nod_pos, nod_vel, nod_drive = _nod_step(nods["pos"], nods["vel"],
+                                                nods["drive"] + kick * (c["nod_gain"] * expr * K.NOD_KICK))
 
         breath_rate = h["breath_rate"].lerp(n["breath"], _alpha(BREATH_RATE_TAU))
         phase = torch.remainder(h["breath_phase"] + K.BREATH_STEP + breath_rate * K.BREATH_WOBBLE, 2.0 * math.pi)
@@ -444,18 +450,18 @@ class MotionGenerator(nn.Module):
         brow_gain = c["brow_gain"] * expr
         brow_kick = torch.where(stress & (n["brow"] < K.BROW_STRESS_SHARE),
                                 (K.BROW_STRESS + K.BROW_STRESS_EXTRA * n["brow"]) * strength,
-                                torch.where(onset & (n["brow"] > K.BROW_ONSET_DRAW), K.BROW_ONSET, K.ZERO))
+                                _pick(onset & (n["brow"] > K.BROW_ONSET_DRAW), K.BROW_ONSET, K.ZERO, zero))
         peak = torch.maximum(br["peak"] * torch.exp(K.BROW_DECAY / c["smoothing"]), brow_kick * brow_gain)
         rise = torch.where(voiced, (pitch_rise - K.BROW_PITCH_DEADBAND).clamp(min=0.0), zero)
         goal = torch.maximum(peak, rise * (K.BROW_PITCH * brow_gain))
-        env = br["env"].lerp(goal, torch.where(goal > br["env"], K.A_BROW_UP, K.A_BROW_DOWN))
+        env = br["env"].lerp(goal, _pick(goal > br["env"], K.A_BROW_UP, K.A_BROW_DOWN, zero))
 
         # ---- blinks: a renewal process with a sampled shape ----------------------------------------
         b = BLINK.unpack(blink)
         rate = c["blink_rate"] * (K.ONE + K.TALK_BLINK_GAIN * activity)  # per minute
         gap = (K.SIXTY / rate.clamp(min=0.01) - K.BLINK_FIXED_S).clamp(min=0.1)  # mean wait after the refractory, s
-        boost = K.ONE + torch.where(since_shift < K.BOOST_S, K.SHIFT_BOOST, K.ZERO) + torch.where(
-            since_boundary < K.BOOST_S, K.BOUNDARY_BOOST, K.ZERO)
+        boost = K.ONE + _pick(since_shift < K.BOOST_S, K.SHIFT_BOOST, K.ZERO, zero) + _pick(
+            since_boundary < K.BOOST_S, K.BOUNDARY_BOOST, K.ZERO, zero)
         boost_avg = p["boost_avg"].lerp(boost, _alpha(BOOST_AVG_TAU))
         hazard = torch.where(rate > K.MIN_RATE, boost / (gap * boost_avg) * K.DT, zero)  # per frame (DT/gap << 1)
         open_at = b["close"] + b["hold"]
