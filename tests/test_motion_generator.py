@@ -291,6 +291,24 @@ def test_blink_lasts_a_natural_time(resting):
     assert 200.0 <= np.mean(durations) <= 400.0
 
 
+def test_blinks_cluster_at_phrase_boundaries(talking):
+    """Blinks start more often in the half second after a phrase starts or ends than elsewhere."""
+    feats, motion, _ = talking
+    near, far = [0, 0], [0, 0]  # [blink starts, frames]
+    for s in range(STREAMS):
+        speech = feats[s, :, LOUDNESS] > 0.3
+        speaking = np.convolve(speech, np.ones(12), mode="full")[: len(speech)] > 0  # bridge 300 ms gaps
+        edges = np.flatnonzero(speaking[1:] != speaking[:-1]) + 1
+        window = np.zeros(len(speech), bool)
+        for k in edges:
+            window[k:k + FPS // 2] = True
+        starts = np.zeros(len(speech), bool)
+        starts[blinks(channel(motion, "blink_left")[s]) - 2] = True  # ~2 frames from start to 0.3 closure
+        near[0] += starts[window].sum(); near[1] += window.sum()
+        far[0] += starts[~window].sum(); far[1] += (~window).sum()
+    assert near[0] / near[1] > 1.5 * far[0] / far[1]
+
+
 def test_blink_rate_control_overrides(resting):
     feats = resting[0][:4, : int(60 * FPS)]
     motion, _ = run(feats, controls_tensor(Controls(blink_rate=40.0)), seed=3)
@@ -420,6 +438,16 @@ def test_gaze_target_moves_the_eyes_and_turns_the_head_a_little(talking, target,
     assert sign * shift > 3.0
     head = "yaw" if axis == "gaze_yaw" else "pitch"
     assert sign * (channel(moved, head).mean() - channel(base, head).mean()) > 1.0
+
+
+def test_wander_looks_around_and_camera_keeps_eye_contact(resting):
+    feats = resting[0][:2, : int(40 * FPS)]
+    camera, _ = run(feats, controls_tensor(Controls()), seed=9)
+    wander, _ = run(feats, controls_tensor(Controls(gaze="wander")), seed=9)
+    def sight(m):  # line of sight (deg) away from the camera
+        return np.hypot(channel(m, "gaze_yaw") + channel(m, "yaw"), channel(m, "gaze_pitch") + channel(m, "pitch"))
+    assert sight(camera).mean() < 1.5
+    assert sight(wander).mean() > 2.0 * sight(camera).mean()
 
 
 def test_eyes_hold_the_line_of_sight_against_head_motion(talking):
