@@ -15,6 +15,7 @@ Steps of `analyze_portrait`:
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
@@ -130,6 +131,24 @@ def _to_rgb8(img) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def _to_srgb(img):
+    """Convert colour with an embedded ICC profile (Display P3 from phones, Adobe RGB, CMYK) to
+    sRGB, which every later stage assumes. An unreadable profile leaves the pixels as they are."""
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK"):
+        return img
+    from PIL import ImageCms
+
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(src).lower().replace(" ", ""):
+            return img  # already sRGB: skip a conversion that changes nothing
+        return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"),
+                                         outputMode="RGBA" if img.mode == "RGBA" else "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return img
+
+
 def _read_image(path: Path, max_side: int) -> tuple[np.ndarray, float]:
     """Decode `path` -> (RGB uint8 image, source pixels per returned pixel)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -148,7 +167,7 @@ def _read_image(path: Path, max_side: int) -> tuple[np.ndarray, float]:
                 img.draft(img.mode, (math.ceil(full_w / r), math.ceil(full_h / r)))
             img.load()
             img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb8(img)
+            rgb = _to_rgb8(_to_srgb(img))
     except UnidentifiedImageError:
         raise AvatarError(f"{path} is not an image Pillow can read: use a JPEG, PNG, WebP or BMP photo") from None
     except Image.DecompressionBombError:

@@ -405,3 +405,28 @@ def test_analysis_is_deterministic(astro, astro_rgb):
     assert np.array_equal(p.landmarks, astro.landmarks)
     assert np.array_equal(p.background, astro.background)
     assert np.array_equal(p.person_mask, astro.person_mask)
+
+
+ADOBE_RGB_ICC = Path("/usr/share/color/icc/ghostscript/a98.icc")  # ships with ghostscript
+
+
+@pytest.mark.skipif(not ADOBE_RGB_ICC.is_file(), reason=f"needs an Adobe RGB profile at {ADOBE_RGB_ICC}")
+def test_embedded_icc_profile_is_converted_to_srgb(tmp_path):
+    # pure Adobe RGB green lies outside sRGB: converted, it clips to a saturated sRGB green whose
+    # red channel is 0 and green 255; mid-grey stays grey (both spaces share the D65 white)
+    px = np.zeros((64, 128, 3), np.uint8)
+    px[:, :64] = (0, 255, 0)
+    px[:, 64:] = (128, 128, 128)
+    tagged, plain = tmp_path / "adobe.png", tmp_path / "plain.png"
+    Image.fromarray(px).save(tagged, icc_profile=ADOBE_RGB_ICC.read_bytes())
+    Image.fromarray(px).save(plain)
+    assert np.array_equal(load_image(plain), px)
+    img = load_image(tagged).astype(int)
+    assert img[:, :64, 1].min() >= 250 and img[:, :64, 0].max() <= 5
+    # Adobe RGB gamma 2.2 vs sRGB's curve: mid-grey moves by a few levels at most, and stays neutral
+    grey = img[:, 64:]
+    assert np.abs(grey - 128).max() <= 6 and np.ptp(grey, axis=2).max() <= 2
+    # a saturated Adobe RGB red-orange is not read as the same numbers: the conversion happened
+    px[:, :64] = (200, 60, 40)
+    Image.fromarray(px).save(tagged, icc_profile=ADOBE_RGB_ICC.read_bytes())
+    assert np.abs(load_image(tagged)[:, :64].astype(int) - (200, 60, 40)).max() >= 10
