@@ -259,7 +259,7 @@ class LiveDaemon:
                     log.warning("virtual camera is back")
             except Exception as e:
                 self.stats.camera_errors += 1
-                self._once.warn("camera", "virtual camera failed (%s); retrying every %.0f s",
+                self._once.warn("camera", "virtual camera failed (%s); retrying every %g s",
                                 " ".join(str(e).split()) or type(e).__name__, self.retry_every_s)
                 self._close_camera()
                 self._next_camera_retry = now + self.retry_every_s
@@ -291,7 +291,7 @@ class LiveDaemon:
         try:
             self.camera = self.reopen_camera()
         except Exception as e:  # busy or gone: already said once
-            self._once.warn("camera", "virtual camera unavailable (%s); retrying every %.0f s",
+            self._once.warn("camera", "virtual camera unavailable (%s); retrying every %g s",
                             " ".join(str(e).split()), self.retry_every_s)
             return
         self.stats.camera_reconnects += 1
@@ -431,7 +431,7 @@ def run_live(*, portrait: str | os.PathLike, controls, mic: str | int | None = N
             try:
                 cam = stack.enter_context(reopen())
             except CameraBusyError as e:  # it exists: say so and keep retrying while running
-                log.warning("%s; retrying every %.0f s", e, RETRY_EVERY_S)
+                log.warning("%s; retrying every %g s", e, RETRY_EVERY_S)
         view = stack.enter_context(PreviewSink()) if preview else None
 
         rig = load_rig(portrait, head_distance=controls.head_distance, face_index=face_index)

@@ -606,11 +606,12 @@ class Microphone:
         self._connected = False
         self._lost_reason = reason
         name = self.device.name if self.device else str(self.spec)
-        log.warning("microphone %r lost (%s): the avatar idles on silence; retrying every %.0f s",
+        log.warning("microphone %r lost (%s): the avatar idles on silence; retrying every %g s",
                     name, reason, self.retry_every_s)
         self._stop_stream()
         self._next_retry = now + self.retry_every_s
-        self._silence_due = now
+        # silence takes over from the last audio, so the generator's clock does not skip the gap
+        self._silence_due = max(min(self._last_callback, now), now - 0.5)
         self.vad.reset()
 
     def _retry(self, now: float) -> None:
@@ -823,7 +824,7 @@ class DelayedMic:
         if not self._ok:
             if not self._warned:
                 self._warned = True
-                log.warning("delayed-mic output %r stopped; retrying every %.0f s",
+                log.warning("delayed-mic output %r stopped; retrying every %g s",
                             self.device.name if self.device else self.spec, self.retry_every_s)
             if now >= self._next_retry:
                 self._next_retry = now + self.retry_every_s
