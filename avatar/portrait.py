@@ -55,7 +55,6 @@ LEFT_IRIS = (473, 474, 475, 476, 477)  # centre first, then four points on the i
 RIGHT_IRIS = (468, 469, 470, 471, 472)
 # inner-lip pairs facing each other across the mouth opening (upper, lower)
 INNER_LIP_PAIRS = ((81, 178), (82, 87), (13, 14), (312, 317), (311, 402))
-NOSE_TIP = 1
 FACE_LEFT_EDGE, FACE_RIGHT_EDGE = 454, 234  # subject's left / right face-oval extremes
 
 
