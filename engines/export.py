@@ -304,7 +304,7 @@ def export_engine(name: str, module: nn.Module, *, cache_dir: Path | None = None
                               input_names=list(io_names.inputs), output_names=list(io_names.outputs),
                               do_constant_folding=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, _keep_unused_inputs(buffer.getvalue(), io_names, example))
+        write_atomic(path, _keep_unused_inputs(buffer.getvalue(), io_names, example))
     check_graph(path, io_names)
     return ExportedEngine(name=name, path=path, hash=engine_hash(module), io=io_names, precision=precision)
 
@@ -332,7 +332,7 @@ def _keep_unused_inputs(model_bytes: bytes, io_names: EngineIO, example: Sequenc
     return model.SerializeToString()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -409,7 +409,7 @@ def save_compressed_rig(rig, path: Path) -> None:
         rig.save(plain)
         data = lzma.compress(plain.read_bytes(), preset=9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(Path(path), data)
+    write_atomic(Path(path), data)
 
 
 @dataclass

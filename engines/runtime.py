@@ -722,17 +722,14 @@ def check_manifest(manifest: dict, *, identity: dict[str, str], version: str,
                               f"({entry.get('onnx_hash')}, now {h}); {REBUILD}")
 
 
-class _TrtLogger:
-    """Only the logger object TensorRT needs; made lazily from the real module's class."""
+_LOGGERS: dict[int, Any] = {}
 
-    _cache: dict[int, Any] = {}
 
-    @classmethod
-    def get(cls, trt):
-        key = id(trt)
-        if key not in cls._cache:
-            cls._cache[key] = trt.Logger(trt.Logger.WARNING)
-        return cls._cache[key]
+def trt_logger(trt):
+    """One TensorRT logger per tensorrt module (TensorRT wants a single logger per process)."""
+    if id(trt) not in _LOGGERS:
+        _LOGGERS[id(trt)] = trt.Logger(trt.Logger.WARNING)
+    return _LOGGERS[id(trt)]
 
 
 class TensorRTEngine:
@@ -748,7 +745,7 @@ class TensorRTEngine:
         self.trt = trt
         self.name = name
         self.device = torch.device(device)
-        runtime = trt.Runtime(_TrtLogger.get(trt))
+        runtime = trt.Runtime(trt_logger(trt))
         engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise AvatarError(f"TensorRT could not load the {name} engine (built for another GPU or TensorRT "
@@ -837,6 +834,20 @@ def load_plans(plan_dir: Path, engines, *, device: torch.device, trt=None,
             raise AvatarError(f"the TensorRT plan {path} listed in the manifest is missing; {REBUILD}")
         plans[name] = path.read_bytes()
     return manifest, plans
+
+
+def tensorrt_engines(trt, plans: dict[str, bytes], engines, *, device: torch.device):
+    """Engines whose three members run the plans with the torch modules' call contract (CPU
+    tensors in and out, one synchronous run per call): what avatar/pipeline.py runs unchanged."""
+    from avatar.pipeline import Engines
+
+    modules = dict(zip(ENGINE_NAMES, (engines.encoder, engines.generator, engines.decoder)))
+    runners = {}
+    for name in ENGINE_NAMES:
+        e = TensorRTEngine(trt, plans[name], name=name, device=device)
+        e.check_io(engine_io(name, modules[name]))
+        runners[name] = EngineRunner(name, modules[name], lambda *x, e=e: tuple(o.cpu() for o in e(*x)))
+    return Engines(encoder=runners["audio"], generator=runners["motion"], decoder=runners["face"])
 
 
 class TensorRTFrameEngine(_CudaFrameEngine):
@@ -948,16 +959,7 @@ class TensorRTBackend(Backend):
         raise NotImplementedError  # engines() builds all three at once (plans are checked together)
 
     def engines(self, engines):
-        from avatar.pipeline import Engines
-
-        plans = self._plans(engines)
-        modules = dict(zip(ENGINE_NAMES, (engines.encoder, engines.generator, engines.decoder)))
-        runners = {}
-        for name in ENGINE_NAMES:
-            e = TensorRTEngine(self.trt, plans[name], name=name, device=self.device)
-            e.check_io(engine_io(name, modules[name]))
-            runners[name] = EngineRunner(name, modules[name], lambda *x, e=e: tuple(o.cpu() for o in e(*x)))
-        return Engines(encoder=runners["audio"], generator=runners["motion"], decoder=runners["face"])
+        return tensorrt_engines(self.trt, self._plans(engines), engines, device=self.device)
 
     def frame_engine(self, engines, rig_inputs, *, timing: bool = False) -> FrameEngine:
         return TensorRTFrameEngine(engines, rig_inputs, plans=self._plans(engines), device=self.device,

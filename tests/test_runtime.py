@@ -225,11 +225,15 @@ GPU = {"gpu": "NVIDIA Fake 80GB", "compute_capability": "9.0", "cuda": "13.0"}
 
 
 class _Enum:
-    def __init__(self, name):
+    def __init__(self, name, value=0):
         self.name = name
+        self.value = value
+
+    def __int__(self):
+        return self.value
 
     def __repr__(self):
-        return f"DataType.{self.name}"
+        return f"tensorrt.{self.name}"
 
 
 class FakeTensorRT(types.ModuleType):
@@ -260,8 +264,7 @@ class FakeTensorRT(types.ModuleType):
         if fp16_flag:
             flags["FP16"] = _Enum("FP16")
         self.BuilderFlag = types.SimpleNamespace(**flags)
-        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=_Enum("STRONGLY_TYPED"))
-        self.NetworkDefinitionCreationFlag.STRONGLY_TYPED.value = 1
+        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=_Enum("STRONGLY_TYPED", 5))
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE=_Enum("WORKSPACE"))
 
         class Logger:
@@ -290,6 +293,9 @@ class FakeTensorRT(types.ModuleType):
             def set_flag(self, flag):
                 fake.calls.append(("set_flag", flag.name))
                 self.flags.append(flag.name)
+
+            def clear_flag(self, flag):
+                fake.calls.append(("clear_flag", flag.name))
 
             def set_memory_pool_limit(self, pool, size):
                 fake.calls.append(("set_memory_pool_limit", pool.name, size))
@@ -330,6 +336,7 @@ class FakeTensorRT(types.ModuleType):
                 return memoryview(fake.PLAN_MAGIC + header + network.onnx)
         self.Builder = Builder
         self.fail_build = False
+        self.corrupt = False
 
         class OnnxParser:
             def __init__(self, network, logger):
@@ -437,6 +444,8 @@ class FakeContext:
             torch.cuda.ExternalStream(stream_handle).synchronize()
         feed = {n: views[n].cpu().numpy() for n in inputs}
         results = self.engine.session.run(outputs, feed)
+        if self.engine.trt.corrupt:  # a plan whose numbers are wrong, for the verification tests
+            results = [r + 1 if r.dtype.kind == "f" else r for r in results]
         for n, value in zip(outputs, results):
             views[n].copy_(torch.from_numpy(np.ascontiguousarray(value)))
         if cuda:
@@ -553,3 +562,147 @@ def test_tensorrt_type_table(fake_trt):
     assert rt._torch_dtype(fake_trt, fake_trt.DataType.HALF) == torch.float16
     with pytest.raises(AvatarError, match="does not handle"):
         rt._torch_dtype(fake_trt, _Enum("FP4"))
+
+
+# ---- build_engines.py with the fake --------------------------------------------------------------
+
+import build_engines  # noqa: E402  (the script at the repository root)
+
+
+@pytest.fixture(autouse=True)
+def _short_verification(monkeypatch):
+    monkeypatch.setattr(build_engines, "VERIFY_SECONDS", 1.5)  # 60 ticks, 6 decoder frames: enough here
+
+
+def _build(fake, engines, out, **kw):
+    kw.setdefault("names", list(ex.ENGINE_NAMES))
+    kw.setdefault("precision", "fp16")
+    return build_engines.build(engines, out_dir=out, trt=fake, device=torch.device("cpu"), identity=dict(GPU),
+                               cache_dir=out / "onnx", write=lambda *a: None, **kw)
+
+
+def test_build_engines_without_gpu_is_one_line_and_nonzero(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build_engines.main(["--precision", "fp32"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no NVIDIA GPU") and "\n" not in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert build_engines.main([]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: TensorRT is not installed") and "\n" not in err
+
+
+def test_build_engines_rejects_unknown_engine_names(capsys):
+    with pytest.raises(SystemExit):
+        build_engines.parse_args(["--engines", "audio,lips"])
+    assert build_engines.parse_args(["--engines", "face"]).names == ["face"]
+
+
+def test_build_with_tensorrt_10_then_run_the_plans(fake_trt, engines, rig, controls, voice, tmp_path, monkeypatch):
+    out = tmp_path / "plans"
+    manifest = _build(fake_trt, engines, out)
+    # TensorRT 10: FP16 is the builder flag on the FP32 graph; no strong typing
+    builds = [c for c in fake_trt.calls if c[0] == "build_serialized_network"]
+    assert len(builds) == 3 and all(flags == ("FP16",) and net_flags == 0 for _, flags, net_flags in builds)
+    assert ("set_memory_pool_limit", "WORKSPACE", build_engines.WORKSPACE_BYTES) in fake_trt.calls
+    assert (out / "timing.cache").is_file() and ("set_timing_cache", False) in fake_trt.calls
+
+    written = json.loads((out / rt.MANIFEST).read_text())
+    assert written == manifest
+    assert {k: written[k] for k in GPU} == GPU and written["tensorrt"] == "10.9.0" and written["precision"] == "fp16"
+    assert written["format"] == rt.MANIFEST_FORMAT and written["built"].startswith("20")
+    modules = dict(zip(ex.ENGINE_NAMES, (engines.encoder, engines.generator, engines.decoder)))
+    for name, entry in written["engines"].items():
+        assert entry["onnx_hash"] == ex.engine_hash(modules[name])
+        assert (out / entry["plan"]).is_file() and entry["precision"] == "fp16"
+        assert all(r["ok"] for r in entry["parity"].values())
+
+    # a second build reuses the timing cache it wrote
+    fake_trt.calls.clear()
+    _build(fake_trt, engines, out, names=["motion"], precision="fp32")
+    assert any(c[0] == "create_timing_cache" and c[1] > 0 for c in fake_trt.calls)
+    assert ("clear_flag", "TF32") in fake_trt.calls  # fp32 means fp32
+    kept = json.loads((out / rt.MANIFEST).read_text())
+    assert set(kept["engines"]) == set(ex.ENGINE_NAMES) and kept["engines"]["motion"]["precision"] == "fp32"
+
+    # the runtime: manifest checked, plans loaded, engines bound; the lead's Pipeline runs them unchanged
+    monkeypatch.setattr(rt, "gpu_identity", lambda device="cuda": dict(GPU))
+    _, plans = rt.load_plans(out, engines, device=torch.device("cpu"), trt=fake_trt)
+    trt_engines = rt.tensorrt_engines(fake_trt, plans, engines, device=torch.device("cpu"))
+    ref = Pipeline(engines, rig.inputs(), controls, seed=21)
+    other = Pipeline(trt_engines, rig.inputs(), controls, seed=21)
+    motion, mean, mx = _free_run(ref, other, voice)
+    assert motion <= 1e-3 and mean <= 2.0 and mx <= 8.0, (motion, mean, mx)
+
+
+def test_build_with_tensorrt_11_uses_strongly_typed_fp16_graphs(engines, tmp_path, monkeypatch):
+    fake = FakeTensorRT("11.1.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    assert not build_engines.has_fp16_flag(fake)
+    manifest = _build(fake, engines, tmp_path, names=["audio", "motion"])
+    builds = [c for c in fake.calls if c[0] == "build_serialized_network"]
+    # strongly typed every time, never an FP16 flag
+    assert builds and all(flags == () and net_flags == 1 << 5 for _, flags, net_flags in builds)
+    # the audio encoder's FP16 graph is a float16 export with the float32 I/O contract
+    fp16_graphs = list((tmp_path / "onnx").glob("audio-*-fp16.onnx"))
+    assert len(fp16_graphs) == 1
+    import onnx
+
+    graph = onnx.load(str(fp16_graphs[0]))
+    constants = list(graph.graph.initializer) + [a.t for n in graph.graph.node if n.op_type == "Constant"
+                                                 for a in n.attribute if a.name == "value"]
+    assert sum(c.data_type == onnx.TensorProto.FLOAT16 for c in constants) >= 3
+    assert not any(c.data_type == onnx.TensorProto.FLOAT and len(c.dims) and c.dims[0] > 16 for c in constants)
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in graph.graph.input)
+    # the generator cannot run in float16 (its float32 constants): no FP16 graph, one FP32 build
+    assert not list((tmp_path / "onnx").glob("motion-*-fp16.onnx"))
+    assert manifest["engines"]["motion"]["precision"] == "fp32"
+    audio = manifest["engines"]["audio"]
+    # whichever precision held the tolerance is the one recorded, and it was verified
+    assert audio["precision"] in ("fp16", "fp32") and all(r["ok"] for r in audio["parity"].values())
+    assert len(builds) == (2 if audio["precision"] == "fp32" else 1) + 1
+
+
+def test_a_plan_that_does_not_match_torch_is_not_kept(fake_trt, engines, tmp_path):
+    fake_trt.corrupt = True
+    with pytest.raises(build_engines.BuildError, match="does not match torch in any precision"):
+        _build(fake_trt, engines, tmp_path, names=["audio"])
+    assert not list(tmp_path.glob("*.plan")) and not (tmp_path / rt.MANIFEST).exists()
+    assert len([c for c in fake_trt.calls if c[0] == "build_serialized_network"]) == 2  # fp16, then fp32
+
+
+def test_a_failed_build_is_an_error_not_a_crash(fake_trt, engines, tmp_path):
+    fake_trt.fail_build = True
+    with pytest.raises(build_engines.BuildError, match="failed to build"):
+        _build(fake_trt, engines, tmp_path, names=["motion"], precision="fp32")
+
+
+def test_stale_plans_are_refused_and_auto_falls_back(fake_trt, engines, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "plans"
+    _build(fake_trt, engines, out, precision="fp32")
+    monkeypatch.setattr(rt, "gpu_identity", lambda device="cuda": dict(GPU))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert isinstance(rt.create_backend("auto", engines=engines, plan_dir=out), rt.TensorRTBackend)
+
+    changed = Engines(encoder=load_audio_encoder("dsp"), generator=engines.generator, decoder=engines.decoder)
+    changed.encoder.smoothing += 0.05  # new engine constants: the audio plan is stale
+    with pytest.raises(AvatarError, match="audio engine was built from other engine code.*python build_engines.py"):
+        rt.load_plans(out, changed, device=torch.device("cpu"), trt=fake_trt)
+    backend = rt.create_backend("auto", engines=changed, plan_dir=out)
+    assert backend.name == "torch" and backend.device.type == "cuda"
+    assert "build_engines.py" in caplog.text
+
+    # another GPU, another TensorRT: refused by the explicit back-end with the rebuild message
+    monkeypatch.setattr(rt, "gpu_identity", lambda device="cuda": {**GPU, "gpu": "NVIDIA L4", "compute_capability": "8.9"})
+    with pytest.raises(AvatarError, match="built for NVIDIA Fake 80GB.*NVIDIA L4.*python build_engines.py"):
+        rt.create_backend("tensorrt", plan_dir=out)
+    monkeypatch.setattr(rt, "gpu_identity", lambda device="cuda": dict(GPU))
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("10.12.0"))
+    with pytest.raises(AvatarError, match="TensorRT 10.9.0, this is TensorRT 10.12.0.*python build_engines.py"):
+        rt.create_backend("tensorrt", plan_dir=out)
+    # a plan file that is gone
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
+    next(out.glob("face-*.plan")).unlink()
+    with pytest.raises(AvatarError, match="missing.*python build_engines.py"):
+        rt.load_plans(out, engines, device=torch.device("cpu"), trt=fake_trt)
