@@ -142,7 +142,9 @@ class Controls:
     head_pitch: float = 0.0  # degrees, + = chin down
     head_roll: float = 0.0  # degrees, + = clockwise on screen
     head_distance: float = 1.0  # framing, applied when the portrait is framed (not a per-frame input)
-    expressiveness: float = 1.0  # 0 = still but alive (blinks, breathing), 1 = natural, 2 = animated
+    # scales the motion (head, brows, gaze movements), not the mood's expression or the lips:
+    # 0 = still but alive (blinks, faint breathing, small eye movements), 1 = natural, 2 = animated
+    expressiveness: float = 1.0
     blink_rate: float | None = None  # blinks per minute at rest; None = the mood's default
     seed: int = 0
 

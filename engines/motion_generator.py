@@ -26,7 +26,14 @@ The behaviour is hand-built from measured human figures (shared/REFERENCE.md), n
   after gaze shifts.
 - gaze: saccadic jumps (small every 0.5-2 s), aversion at utterance start and return at its end,
   the controlled target; the eyes counter-rotate against head motion so eye contact holds.
-- controls glide (two cascaded low-passes, ~0.5 s) so a mood change never jumps.
+- controls glide (two cascaded low-passes, ~0.5 s) so a mood change never jumps; the gaze target
+  does not glide, the eyes jump to it.
+
+gaze_yaw/gaze_pitch are the eyes in the head (what a renderer moves inside the eye opening); the
+line of sight is head angle + eye angle, and it is the line of sight that the gaze control aims.
+
+Run it in float32: it is tiny, and its timers and phases need float32's resolution (under the
+float16 wrapper it runs, but blinks and saccades drift from the float32 sequence within seconds).
 """
 
 from __future__ import annotations
@@ -226,8 +233,6 @@ for _group, _names in (("lips", ("lips_wide", "lips_round")), ("press", ("lips_p
                        ("lids", ("blink_left", "blink_right")), ("eyes", ("squint", "eyes_wide")),
                        ("gaze", ("gaze_yaw", "gaze_pitch")), ("jaw", ("jaw_open",))):
     assert NAMES[MOTION_GROUPS.slices[_group]] == _names, _group
-
-
 
 
 class _Constants:
