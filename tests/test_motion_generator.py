@@ -79,6 +79,24 @@ def run(features: np.ndarray, controls, *, seed: int = 0, generator=None, state=
     return torch.stack(out, dim=1).numpy(), state
 
 
+def run_each(features: np.ndarray, controls: list[Controls], *, seed: int = 0) -> list[np.ndarray]:
+    """The same streams (S, T, 7) and the same noise under each of several controls, in one batch
+    (rows are independent streams): -> one motion (S, T, N_CHANNELS) per controls."""
+    streams, frames = features.shape[:2]
+    gen = MotionGenerator()
+    c = torch.cat([controls_tensor(x).expand(streams, -1) for x in controls])
+    feats = torch.from_numpy(features).repeat(len(controls), 1, 1)
+    noise_source = torch.Generator().manual_seed(seed)
+    state, out = gen.initial_state(len(controls) * streams), []
+    with torch.inference_mode():
+        for t in range(frames):
+            noise = torch.rand(streams, N_NOISE, generator=noise_source).repeat(len(controls), 1)
+            motion, *state = gen(feats[:, t], c, noise, *state)
+            out.append(motion)
+    motion = torch.stack(out, dim=1).numpy()
+    return [motion[i * streams:(i + 1) * streams] for i in range(len(controls))]
+
+
 def channel(motion, name):
     return motion[..., INDEX[name]]
 
@@ -179,10 +197,10 @@ def test_output_stays_inside_every_channel_range_under_extreme_controls():
     feats[:, JAW] = 1.0  # a worst-case encoder
     low = np.array([ch.low for ch in CHANNELS])
     high = np.array([ch.high for ch in CHANNELS])
-    for controls in (Controls(mood="surprised", expressiveness=2.0, head_yaw=10, head_pitch=-8, head_roll=8,
-                              gaze=(15, -10), blink_rate=60),
-                     Controls(mood="sad", expressiveness=2.0, head_pitch=8, gaze="wander")):
-        motion, _ = run(feats, controls_tensor(controls), seed=4)
+    extremes = [Controls(mood="surprised", expressiveness=2.0, head_yaw=10, head_pitch=-8, head_roll=8,
+                         gaze=(15, -10), blink_rate=60),
+                Controls(mood="sad", expressiveness=2.0, head_pitch=8, gaze="wander")]
+    for motion in run_each(feats[None], extremes, seed=4):
         assert np.all(motion >= low - 1e-6) and np.all(motion <= high + 1e-6)
         assert np.all(np.isfinite(motion))
 
@@ -310,11 +328,9 @@ def test_blinks_cluster_at_phrase_boundaries(talking):
 
 
 def test_blink_rate_control_overrides(resting):
-    feats = resting[0][:4, : int(60 * FPS)]
-    motion, _ = run(feats, controls_tensor(Controls(blink_rate=40.0)), seed=3)
-    assert 32.0 <= _rate(motion) <= 48.0
-    motion, _ = run(feats, controls_tensor(Controls(blink_rate=0.0)), seed=3)
-    assert _rate(motion) == 0.0
+    many, none = run_each(resting[0][:4, : int(60 * FPS)], [Controls(blink_rate=40.0), Controls(blink_rate=0.0)])
+    assert 32.0 <= _rate(many) <= 48.0
+    assert _rate(none) == 0.0
 
 
 # ---- head -------------------------------------------------------------------------------------
@@ -431,9 +447,7 @@ def test_gaze_averts_at_utterance_start_and_returns_by_its_end(talking):
 @pytest.mark.parametrize("target, axis, sign", [("left", "gaze_yaw", -1), ("right", "gaze_yaw", 1),
                                                 ("up", "gaze_pitch", -1), ("down", "gaze_pitch", 1)])
 def test_gaze_target_moves_the_eyes_and_turns_the_head_a_little(talking, target, axis, sign):
-    feats = talking[0][:2, : int(20 * FPS)]
-    base, _ = run(feats, controls_tensor(Controls()), seed=5)
-    moved, _ = run(feats, controls_tensor(Controls(gaze=target)), seed=5)
+    base, moved = run_each(talking[0][:2, : int(20 * FPS)], [Controls(), Controls(gaze=target)], seed=5)
     shift = channel(moved, axis).mean() - channel(base, axis).mean()
     assert sign * shift > 3.0
     head = "yaw" if axis == "gaze_yaw" else "pitch"
@@ -441,9 +455,7 @@ def test_gaze_target_moves_the_eyes_and_turns_the_head_a_little(talking, target,
 
 
 def test_wander_looks_around_and_camera_keeps_eye_contact(resting):
-    feats = resting[0][:2, : int(40 * FPS)]
-    camera, _ = run(feats, controls_tensor(Controls()), seed=9)
-    wander, _ = run(feats, controls_tensor(Controls(gaze="wander")), seed=9)
+    camera, wander = run_each(resting[0][:2, : int(40 * FPS)], [Controls(), Controls(gaze="wander")], seed=9)
     def sight(m):  # line of sight (deg) away from the camera
         return np.hypot(channel(m, "gaze_yaw") + channel(m, "yaw"), channel(m, "gaze_pitch") + channel(m, "pitch"))
     assert sight(camera).mean() < 1.5
@@ -458,9 +470,8 @@ def test_eyes_hold_the_line_of_sight_against_head_motion(talking):
 # ---- moods, glide, expressiveness ---------------------------------------------------------------
 
 def test_moods_shift_the_face(talking):
-    feats = talking[0][:2, : int(20 * FPS)]
-    out = {m: run(feats, controls_tensor(Controls(mood=m)), seed=6)[0] for m in ("neutral", "happy", "surprised",
-                                                                                  "sad", "serious", "chill")}
+    moods = ("neutral", "happy", "surprised", "sad", "serious", "chill")
+    out = dict(zip(moods, run_each(talking[0][:2, : int(20 * FPS)], [Controls(mood=m) for m in moods], seed=6)))
     mean = {m: {n: channel(v, n).mean() for n in INDEX} for m, v in out.items()}
     assert mean["happy"]["smile_left"] - mean["neutral"]["smile_left"] > 0.3
     assert mean["surprised"]["brow_outer_up_left"] - mean["neutral"]["brow_outer_up_left"] > 0.3
@@ -489,9 +500,13 @@ def test_a_mood_change_mid_stream_glides_without_jumps():
     assert pitch[switch + 2 * FPS] - pitch[switch - 1] > 3.5  # +6 from the user, -1.5 from surprise
 
 
-def test_expressiveness_zero_is_still_but_alive(talking):
-    feats = talking[0][:4, : int(40 * FPS)]
-    motion, _ = run(feats, controls_tensor(Controls(expressiveness=0.0)), seed=7)
+@pytest.fixture(scope="module")
+def expressiveness_0_1_2(talking):
+    return run_each(talking[0][:4, : int(40 * FPS)], [Controls(expressiveness=e) for e in (0.0, 1.0, 2.0)], seed=7)
+
+
+def test_expressiveness_zero_is_still_but_alive(expressiveness_0_1_2):
+    motion = expressiveness_0_1_2[0]
     yaw, pitch, _ = _head_std(motion)
     assert yaw < 0.15 and pitch < 0.15
     assert channel(motion, "brow_outer_up_left").max() < 1e-6
@@ -499,17 +514,14 @@ def test_expressiveness_zero_is_still_but_alive(talking):
     assert channel(motion, "jaw_open").max() > 0.5  # the lips still speak
 
 
-def test_expressiveness_two_is_livelier(talking):
-    feats = talking[0][:4, : int(40 * FPS)]
-    one, _ = run(feats, controls_tensor(Controls()), seed=7)
-    two, _ = run(feats, controls_tensor(Controls(expressiveness=2.0)), seed=7)
+def test_expressiveness_two_is_livelier(expressiveness_0_1_2):
+    _, one, two = expressiveness_0_1_2
     assert _head_std(two)[0] > 1.5 * _head_std(one)[0]
 
 
 def test_head_offsets_add_to_the_head(talking):
-    feats = talking[0][:2, : int(10 * FPS)]
-    base, _ = run(feats, controls_tensor(Controls()), seed=8)
-    turned, _ = run(feats, controls_tensor(Controls(head_yaw=6.0, head_roll=-3.0)), seed=8)
+    base, turned = run_each(talking[0][:2, : int(10 * FPS)], [Controls(), Controls(head_yaw=6.0, head_roll=-3.0)],
+                            seed=8)
     assert channel(turned, "yaw").mean() - channel(base, "yaw").mean() == pytest.approx(6.0, abs=0.3)
     assert channel(turned, "roll").mean() - channel(base, "roll").mean() == pytest.approx(-3.0, abs=0.3)
     # and the eyes turn back toward the camera
