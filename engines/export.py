@@ -541,3 +541,45 @@ def export_and_check(name: str, module: nn.Module, calls: Sequence[EngineCalls],
     if not all(r["ok"] for r in report.values()):
         raise AvatarError(f"the ONNX export of the {name} engine does not match torch: {describe_errors(report)}")
     return exported, report
+
+
+def main(argv=None) -> int:
+    """`python -m engines.export`: export every engine and check it against torch (onnxruntime),
+    or `--save-rig` to (re)write the astronaut's rig for machines without mediapipe."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m engines.export", description=main.__doc__)
+    p.add_argument("--engines", default=",".join(ENGINE_NAMES))
+    p.add_argument("--audio-model", default="trained", choices=("trained", "dsp"))
+    p.add_argument("--motion-model", default="generator", choices=("generator", "baseline"))
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--save-rig", nargs="?", const=SAVED_RIG, type=Path, default=None, metavar="PATH",
+                   help=f"write the astronaut's rig, xz-compressed (default {SAVED_RIG.relative_to(REPO_ROOT)})")
+    args = p.parse_args(argv)
+    try:
+        if args.save_rig is not None:
+            from avatar.rig import load_rig
+
+            save_compressed_rig(load_rig(PORTRAIT), args.save_rig)
+            print(f"wrote {args.save_rig} ({args.save_rig.stat().st_size / 1e6:.1f} MB)")
+            return 0
+        from avatar.controls import Controls, controls_tensor
+        from avatar.pipeline import load_engines
+
+        engines = load_engines(audio_model=args.audio_model, motion_model=args.motion_model)
+        modules = {"audio": engines.encoder, "motion": engines.generator, "face": engines.decoder}
+        rig = reference_rig()
+        controls = controls_tensor(Controls())
+        real = record_calls(engines.encoder, engines.generator, engines.decoder, rig.inputs(),
+                            read_voice(seconds=3.0), controls, render_every=20)
+        for name in args.engines.split(","):
+            exported, report = export_and_check(name, modules[name], [real[name]], precision=args.precision)
+            print(f"{name}: {exported.path} ({describe_errors(report)})")
+    except AvatarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -244,19 +244,24 @@ class _CudaFrameEngine(FrameEngine):
 
     RING = 2  # frames in flight: the caller may hold one pending frame while submitting the next
 
-    def __init__(self, engines, rig_inputs, *, device: torch.device, timing: bool = False):
+    def __init__(self, engines, rig_inputs, *, device: torch.device, timing: bool = False, cuda=None):
         from avatar.motion import N_CHANNELS
 
+        # `cuda` is torch.cuda; tests pass a CPU emulation of the few calls used here, so this
+        # logic runs in CI without a GPU (the GPU tests run the real thing)
+        self.cuda = cuda or torch.cuda
         self.device = torch.device(device)
-        if self.device.type != "cuda":
+        if self.cuda is torch.cuda and self.device.type != "cuda":
             raise ValueError(f"{type(self).__name__} needs a CUDA device, got {self.device}")
-        self.stream = torch.cuda.Stream(self.device)
+        self.stream = self.cuda.Stream(self.device)
         self.n_noise = int(engines.generator.N_NOISE)
         n_controls = _n_controls()
         dev = self.device
+        real = self.cuda is torch.cuda
 
         def pinned(*shape, dtype=torch.float32):
-            return torch.zeros(*shape, dtype=dtype).pin_memory()
+            t = torch.zeros(*shape, dtype=dtype)
+            return t.pin_memory() if real else t
 
         self.samples_dev = torch.zeros(1, SAMPLES_PER_FRAME, device=dev)
         self.controls_dev = torch.zeros(1, n_controls, device=dev)
@@ -267,15 +272,15 @@ class _CudaFrameEngine(FrameEngine):
         # ring of frame buffers, each with the event its copy records
         self._staging = [(pinned(1, SAMPLES_PER_FRAME), pinned(1, n_controls), pinned(1, self.n_noise))
                          for _ in range(self.RING)]
-        self._staged = [torch.cuda.Event() for _ in range(self.RING)]
+        self._staged = [self.cuda.Event() for _ in range(self.RING)]
         self._frames_host = [pinned(1, FRAME_SIZE, FRAME_SIZE, 3, dtype=torch.uint8) for _ in range(self.RING)]
-        self._frame_ready = [torch.cuda.Event() for _ in range(self.RING)]
+        self._frame_ready = [self.cuda.Event() for _ in range(self.RING)]
         self._pending: list[PendingFrame | None] = [None] * self.RING
         self._motion_host = pinned(1, N_CHANNELS)
-        self._motion_ready = torch.cuda.Event()
+        self._motion_ready = self.cuda.Event()
         self._slot = 0
-        self._stage_events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if timing else None
-        self.device_name = torch.cuda.get_device_name(self.device)
+        self._stage_events = [self.cuda.Event(enable_timing=True) for _ in range(4)] if timing else None
+        self.device_name = self.cuda.get_device_name(self.device)
         self._bind()
         super().__init__(engines, rig_inputs, timing=timing)
 
@@ -305,9 +310,9 @@ class _CudaFrameEngine(FrameEngine):
 
     def _nvtx(self, name: str | None) -> None:
         if name is None:
-            torch.cuda.nvtx.range_pop()
+            self.cuda.nvtx.range_pop()
         else:
-            torch.cuda.nvtx.range_push(name)
+            self.cuda.nvtx.range_push(name)
 
     @torch.no_grad()
     def submit(self, samples, controls: Tensor, noise: Tensor, *, render: bool = True) -> PendingFrame | None:
@@ -324,7 +329,7 @@ class _CudaFrameEngine(FrameEngine):
         n_host.copy_(noise)
         ev = self._stage_events
         self._nvtx("frame")
-        with torch.cuda.stream(self.stream):
+        with self.cuda.stream(self.stream):
             self.samples_dev.copy_(s_host, non_blocking=True)
             self.controls_dev.copy_(c_host, non_blocking=True)
             self.noise_dev.copy_(n_host, non_blocking=True)
@@ -382,7 +387,7 @@ class _CudaFrameEngine(FrameEngine):
         self._slot = (slot + 1) % self.RING
         if self._pending[slot] is not None:
             self._pending[slot].result()
-        with torch.cuda.stream(self.stream):
+        with self.cuda.stream(self.stream):
             if motion is not None:
                 self.motion_dev.copy_(motion.to(torch.float32).reshape(self.motion_dev.shape), non_blocking=False)
             self._nvtx("face_decoder")
@@ -419,7 +424,8 @@ class TorchCudaFrameEngine(_CudaFrameEngine):
     per-frame work (state update included) is captured once as a CUDA graph and replayed; if
     capture fails the engine runs eagerly and `cuda_graph_error` says why."""
 
-    def __init__(self, engines, rig_inputs, *, device="cuda", cuda_graph: bool = True, timing: bool = False):
+    def __init__(self, engines, rig_inputs, *, device="cuda", cuda_graph: bool = True, timing: bool = False,
+                 cuda=None):
         device = torch.device(device)
         self.modules = {name: copy.deepcopy(m).to(device).eval() for name, m in
                         zip(ENGINE_NAMES, (engines.encoder, engines.generator, engines.decoder))}
@@ -430,7 +436,7 @@ class TorchCudaFrameEngine(_CudaFrameEngine):
         self.rig_dev: tuple[Tensor, ...] = ()
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.cuda_graph_error: str | None = None
-        super().__init__(engines, rig_inputs, device=device, timing=timing)
+        super().__init__(engines, rig_inputs, device=device, timing=timing, cuda=cuda)
         if cuda_graph:
             try:
                 self._capture()
@@ -438,7 +444,7 @@ class TorchCudaFrameEngine(_CudaFrameEngine):
                 self.graphs = {}
                 self.cuda_graph_error = f"{type(e).__name__}: {e}"
                 log.warning("CUDA graph capture failed, running eagerly: %s", self.cuda_graph_error)
-                torch.cuda.synchronize(self.device)
+                self.cuda.synchronize(self.device)
             self.reset()
 
     @property
@@ -451,7 +457,7 @@ class TorchCudaFrameEngine(_CudaFrameEngine):
             self.rig_dev = tuple(t.to(self.device).clone() for t in rig_inputs)
             return
         # same buffers, new contents: a captured graph stays valid
-        with torch.cuda.stream(self.stream):
+        with self.cuda.stream(self.stream):
             for dst, src in zip(self.rig_dev, rig_inputs):
                 if dst.shape != src.shape or dst.dtype != src.dtype:
                     raise ValueError(f"rig tensor {tuple(src.shape)} {src.dtype} does not fit {tuple(dst.shape)} {dst.dtype}")
@@ -460,7 +466,7 @@ class TorchCudaFrameEngine(_CudaFrameEngine):
 
     def reset(self) -> None:
         super().reset()
-        with torch.cuda.stream(self.stream):
+        with self.cuda.stream(self.stream):
             _copy_state(self.enc_state, self._initial[0])
             _copy_state(self.gen_state, self._initial[1])
         self.stream.synchronize()
@@ -482,20 +488,20 @@ class TorchCudaFrameEngine(_CudaFrameEngine):
         stages = (("audio", self._eager_audio), ("motion", self._eager_motion), ("face", self._eager_face))
         with torch.no_grad():
             # warm up on a side stream (lazy initialisations must not happen during capture)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            side = self.cuda.Stream(self.device)
+            side.wait_stream(self.cuda.current_stream(self.device))
+            with self.cuda.stream(side):
                 for _ in range(3):
                     for _, fn in stages:
                         fn()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            torch.cuda.synchronize(self.device)
+            self.cuda.current_stream(self.device).wait_stream(side)
+            self.cuda.synchronize(self.device)
             for name, fn in stages:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=side):
+                graph = self.cuda.CUDAGraph()
+                with self.cuda.graph(graph, stream=side):
                     fn()
                 self.graphs[name] = graph
-            torch.cuda.synchronize(self.device)
+            self.cuda.synchronize(self.device)
 
     def _run(self, name: str, eager: Callable[[], None]) -> None:
         graph = self.graphs.get(name)
@@ -855,7 +861,7 @@ class TensorRTFrameEngine(_CudaFrameEngine):
     output is the next one's input (features, motion), state ping-ponged between two contexts."""
 
     def __init__(self, engines, rig_inputs, *, plans: dict[str, bytes], device="cuda", trt=None,
-                 timing: bool = False):
+                 timing: bool = False, cuda=None):
         device = torch.device(device)
         trt = trt or import_tensorrt()
         modules = dict(zip(ENGINE_NAMES, (engines.encoder, engines.generator, engines.decoder)))
@@ -868,7 +874,7 @@ class TensorRTFrameEngine(_CudaFrameEngine):
             e.check_io(engine_io(name, modules[name]))
         self._initial = (tuple(engines.encoder.initial_state(1)), tuple(engines.generator.initial_state(1)))
         self._parity = 0
-        super().__init__(engines, rig_inputs, device=device, timing=timing)
+        super().__init__(engines, rig_inputs, device=device, timing=timing, cuda=cuda)
 
     def _bind(self) -> None:
         audio, motion, face = (self.trt_engines[n] for n in ENGINE_NAMES)
@@ -898,7 +904,7 @@ class TensorRTFrameEngine(_CudaFrameEngine):
         rig_inputs = tuple(rig_inputs)
         if len(rig_inputs) != len(rig_names):
             raise ValueError(f"expected {len(rig_names)} rig tensors ({', '.join(rig_names)}), got {len(rig_inputs)}")
-        with torch.cuda.stream(self.stream):
+        with self.cuda.stream(self.stream):
             for tensor, value in zip(rig_names, rig_inputs):
                 shape, dtype = face.specs[tensor]
                 if tuple(value.shape) != shape or value.dtype != dtype:
@@ -910,7 +916,7 @@ class TensorRTFrameEngine(_CudaFrameEngine):
     def reset(self) -> None:
         super().reset()
         self._parity = 0
-        with torch.cuda.stream(self.stream):
+        with self.cuda.stream(self.stream):
             for name, initial in zip(("audio", "motion"), self._initial):
                 for dst, src in zip(self.trt_engines[name].state_sets[0], initial):
                     dst.copy_(src, non_blocking=False)

@@ -566,7 +566,19 @@ def test_tensorrt_type_table(fake_trt):
 
 # ---- build_engines.py with the fake --------------------------------------------------------------
 
-import build_engines  # noqa: E402  (the script at the repository root)
+def _load_build_engines():
+    """build_engines.py is a script at the repository root, not part of the installed packages."""
+    import importlib.util
+
+    if "build_engines" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("build_engines", Path(ex.REPO_ROOT) / "build_engines.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["build_engines"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["build_engines"]
+
+
+build_engines = _load_build_engines()
 
 
 @pytest.fixture(autouse=True)
@@ -706,3 +718,120 @@ def test_stale_plans_are_refused_and_auto_falls_back(fake_trt, engines, tmp_path
     next(out.glob("face-*.plan")).unlink()
     with pytest.raises(AvatarError, match="missing.*python build_engines.py"):
         rt.load_plans(out, engines, device=torch.device("cpu"), trt=fake_trt)
+
+
+# ---- the CUDA frame engines' logic on a CPU emulation of torch.cuda -----------------------------
+
+class EmulatedCuda:
+    """The few torch.cuda calls the CUDA frame engines make, done synchronously on the CPU, so
+    their bookkeeping (static buffers, state copies, ping-pong, ring of pending frames, events,
+    NVTX ranges) runs in CI. CUDA itself, graphs included, is tests/test_gpu.py's."""
+
+    class Stream:
+        cuda_stream = 0
+
+        def __init__(self, device=None):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.recorded = 0
+
+        def record(self, stream=None):
+            self.recorded += 1
+
+        def synchronize(self):
+            pass  # like CUDA: an event never recorded is complete
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    def __init__(self):
+        self.ranges: list[str] = []
+        self.nvtx = types.SimpleNamespace(range_push=self.ranges.append, range_pop=lambda: None)
+
+    def stream(self, s):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def current_stream(self, device=None):
+        return self.Stream()
+
+    def synchronize(self, device=None):
+        pass
+
+    def get_device_name(self, device=None):
+        return "Emulated GPU"
+
+
+class _Replay:
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def _emulated_compare(frames, engines, rig, controls, voice, ticks=60):
+    ref = rt.create_backend("torch").frame_engine(engines, rig.inputs())
+    noise = torch.Generator().manual_seed(4)
+    worst_motion, worst_pixel = 0.0, 0.0
+    for t, tick in enumerate(voice.reshape(-1, SAMPLES_PER_FRAME)[:ticks].numpy()):
+        n = torch.rand(1, ref.n_noise, generator=noise)
+        render = t % RENDER_EVERY == RENDER_EVERY - 1
+        expected, got = ref.step(tick, controls, n, render=render), frames.step(tick, controls, n, render=render)
+        worst_motion = max(worst_motion, float((frames.last_motion - ref.last_motion).abs().max()))
+        if render:
+            worst_pixel = max(worst_pixel, _pixel_errors(expected, got)[1])
+    # five frames in flight through a ring of two: each intact, in order
+    frames.reset()
+    ref.reset()
+    ticks5 = voice.reshape(-1, SAMPLES_PER_FRAME)[:5].numpy()
+    pending = [frames.submit(t, controls, torch.zeros(1, ref.n_noise)) for t in ticks5]
+    for p, t in zip(pending, ticks5):
+        worst_pixel = max(worst_pixel, _pixel_errors(p.result(), ref.step(t, controls, torch.zeros(1, ref.n_noise)))[1])
+    # an explicit motion vector
+    still = torch.zeros(1, 24)
+    worst_pixel = max(worst_pixel, _pixel_errors(frames.render(still), ref.render(still))[1])
+    return worst_motion, worst_pixel
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_torch_cuda_frame_engine_logic_on_an_emulated_device(graphs, engines, rig, controls, voice, monkeypatch):
+    if graphs:  # a "graph" that replays the stage: the capture itself needs a GPU
+        monkeypatch.setattr(rt.TorchCudaFrameEngine, "_capture", lambda self: self.graphs.update(
+            audio=_Replay(self._eager_audio), motion=_Replay(self._eager_motion), face=_Replay(self._eager_face)))
+    cuda = EmulatedCuda()
+    frames = rt.TorchCudaFrameEngine(engines, rig.inputs(), device="cpu", cuda_graph=graphs, timing=True, cuda=cuda)
+    assert frames.cuda_graph == graphs and frames.device_name == "Emulated GPU"
+    motion, pixel = _emulated_compare(frames, engines, rig, controls, voice)
+    assert motion == 0.0 and pixel == 0.0  # the same torch arithmetic on the same CPU
+    assert cuda.ranges[:5] == ["frame", "audio_encoder", "motion_generator", "frame", "audio_encoder"]
+    assert "face_decoder" in cuda.ranges and "frame_to_host" in cuda.ranges
+    assert frames.stage_ms == {"audio": 1.0, "motion": 1.0, "face": 1.0}
+
+
+def test_tensorrt_frame_engine_logic_on_an_emulated_device(fake_trt, engines, rig, controls, voice, tmp_path,
+                                                          monkeypatch):
+    """Plans from the fake builder, run by the TensorRT FrameEngine: features and motion shared
+    between engines by address, state ping-ponged between two contexts, rig bound once."""
+    _build(fake_trt, engines, tmp_path, precision="fp32")
+    monkeypatch.setattr(rt, "gpu_identity", lambda device="cuda": dict(GPU))
+    _, plans = rt.load_plans(tmp_path, engines, device=torch.device("cpu"), trt=fake_trt)
+    frames = rt.TensorRTFrameEngine(engines, rig.inputs(), plans=plans, device="cpu", trt=fake_trt,
+                                    cuda=EmulatedCuda())
+    audio, motion = frames.trt_engines["audio"], frames.trt_engines["motion"]
+    for k in range(2):
+        assert motion.contexts[k].addresses["features"] == audio.contexts[k].addresses["features"]
+        assert motion.contexts[k].addresses["motion"] == frames.motion_dev.data_ptr()
+        assert audio.contexts[k].addresses["samples"] == frames.samples_dev.data_ptr()
+        assert audio.contexts[k].addresses["state_in_0"] == audio.contexts[1 - k].addresses["state_out_0"]
+    assert frames.trt_engines["face"].contexts[0].addresses["frame"] == frames.frame_dev.data_ptr()
+    motion_err, pixel = _emulated_compare(frames, engines, rig, controls, voice)
+    assert motion_err <= 1e-3 and pixel <= 8.0, (motion_err, pixel)
+    with pytest.raises(ValueError, match="rig tensor"):
+        frames.set_rig(tuple(t[..., :1] if t.ndim else t for t in rig.inputs()))
