@@ -15,6 +15,8 @@
   t0 + k * 25 ms (it sleeps until each). A tick with no new frame re-sends the last one (counted as
   repeated); a rendered frame replaced before a tick took it is counted as stale; a tick missed by
   more than a period is skipped, not caught up (counted as missed). There is no queue to grow.
+  The schedule's phase (t0) follows when frames become ready (`_phase_shift`): ticks fall 2 ms
+  after the usual readiness, so a fast renderer's frames are neither missed nor kept waiting.
 - Latency per fresh frame: from the capture time of the newest audio sample that shaped it (the
   block fed last; the face shows audio `lookahead_frames` earlier, see `av_offset_ms`) to the moment
   it is handed to the camera. p50/p95 over the last 10 s are logged every few seconds.
@@ -61,6 +63,8 @@ ON_TIME_MS = 5.0  # a frame is on time when handed to the camera within 5 ms aft
 STATUS_EVERY_S = 5.0
 RETRY_EVERY_S = 2.0
 LATENCY_WINDOW = 10 * FPS  # fresh-frame latencies kept for the status line (10 s)
+PHASE_WINDOW = 24  # fresh frames whose readiness phase aligns the tick schedule (see _phase_shift)
+PHASE_MARGIN_S = 0.002  # ticks fall this long after the latest usual frame readiness
 DELAY_HYSTERESIS_MS = 10.0  # the delayed mic is re-aimed when the wanted delay moves more than this
 GATE_IDLE_GAIN = 0.0  # what the encoder hears of non-speech (0: silence)
 SWITCH_INTERVAL_S = 0.0005  # GIL hand-over while live, so the pacing thread wakes on time
@@ -79,6 +83,7 @@ class LiveStats:
     frames_on_time: int = 0  # frames handed within ON_TIME_MS of their deadline
     frames_rendered: int = 0
     frames_stale: int = 0  # rendered, then replaced by a newer one before any tick took it
+    phase_shifts: int = 0  # times the tick schedule was re-aligned to frame readiness
     motion_steps: int = 0  # audio blocks through encoder + generator
     audio_dropped_ms: float = 0.0  # stale audio skipped by the microphone to keep latency bounded
     speaking: bool = False
@@ -113,6 +118,7 @@ class _Frame:
     frame: np.ndarray
     captured_at: float  # capture time of the newest audio sample that shaped it
     live: bool  # from microphone audio (False: silence fed while the mic is lost)
+    ready_at: float = 0.0  # when the render thread finished it
 
 
 class _Mailbox:
@@ -144,15 +150,18 @@ class _Records:
         self.deadline = np.zeros(capacity)
         self.handed = np.zeros(capacity)
         self.latency_ms = np.full(capacity, np.nan)  # fresh frames from live audio only
+        self.fresh = np.zeros(capacity, dtype=bool)  # a newly rendered frame (live audio or silence)
 
-    def add(self, deadline: float, handed: float, latency_ms: float) -> None:
+    def add(self, deadline: float, handed: float, latency_ms: float, fresh: bool) -> None:
         if self.n < self.capacity:
-            self.deadline[self.n], self.handed[self.n], self.latency_ms[self.n] = deadline, handed, latency_ms
+            i = self.n
+            self.deadline[i], self.handed[i], self.latency_ms[i], self.fresh[i] = deadline, handed, latency_ms, fresh
             self.n += 1
 
     def as_dict(self) -> dict:
         n = self.n
-        return {"deadline": self.deadline[:n], "handed": self.handed[:n], "latency_ms": self.latency_ms[:n]}
+        return {"deadline": self.deadline[:n], "handed": self.handed[:n], "latency_ms": self.latency_ms[:n],
+                "fresh": self.fresh[:n]}
 
 
 class _Once:
@@ -242,7 +251,7 @@ class LiveDaemon:
                     continue
                 frame = pipeline.render(motion)
                 stats.frames_rendered += 1
-                self._mailbox.put(_Frame(frame, blocks[-1].captured_at, blocks[-1].live))
+                self._mailbox.put(_Frame(frame, blocks[-1].captured_at, blocks[-1].live, time.monotonic()))
                 if self._once.clear("render"):
                     log.warning("rendering works again")
             except Exception:  # a bug, not a device problem: say it once, keep the camera fed
@@ -351,6 +360,8 @@ class LiveDaemon:
         start = time.monotonic()
         end = math.inf if seconds is None else start + seconds
         next_status = start + self.status_every_s
+        phases = np.zeros(PHASE_WINDOW)
+        n_phases = 0
         k = 0
         while not self._stop.is_set():
             deadline = start + k * PERIOD_S
@@ -373,6 +384,14 @@ class LiveDaemon:
             if item is not None:
                 last = item.frame
                 stats.frames_new += 1
+                phases[n_phases % PHASE_WINDOW] = (item.ready_at - start) % PERIOD_S
+                n_phases += 1
+                if n_phases >= PHASE_WINDOW and n_phases % (PHASE_WINDOW // 2) == 0:
+                    shift = _phase_shift(phases)
+                    if shift:
+                        start += shift
+                        stats.phase_shifts += 1
+                        n_phases = 0
             elif last is not None:
                 stats.frames_repeated += 1
             if last is None:
@@ -387,7 +406,7 @@ class LiveDaemon:
             if handed - deadline <= ON_TIME_MS / 1000.0:
                 stats.frames_on_time += 1
             if records is not None:
-                records.add(deadline, handed, latency)
+                records.add(deadline, handed, latency, item is not None)
             if handed >= next_status:
                 next_status = handed + self.status_every_s
                 self._status()
@@ -395,18 +414,43 @@ class LiveDaemon:
             self._retry_camera(handed)
 
 
+def _phase_shift(phases: np.ndarray) -> float:
+    """How far to move the tick schedule (s, within +-half a period) so ticks come PHASE_MARGIN_S
+    after the frames' usual readiness, or 0 to leave it.
+
+    `phases` are when recent frames became ready, modulo the period, relative to the ticks. Audio
+    arrives in device-sized chunks (often 10 ms), so with fast rendering frames are ready in a
+    cluster of phases some ms wide; a tick inside that cluster takes every other frame one tick
+    late (half the frames repeat, half go stale). Putting the ticks just after the cluster fixes
+    that and makes the wait for the tick, and so the latency, as short as it can be. When frames
+    are ready at all phases (rendering slower than a tick) there is nothing to align: no shift.
+    """
+    p = np.sort(phases)
+    gaps = np.diff(np.append(p, p[0] + PERIOD_S))
+    i = int(np.argmax(gaps))
+    if gaps[i] < 0.4 * PERIOD_S:
+        return 0.0
+    want = (p[i] + PHASE_MARGIN_S) % PERIOD_S  # a tick right after the cluster's last frame
+    shift = want if want <= PERIOD_S / 2 else want - PERIOD_S
+    return shift if abs(shift) > 0.001 else 0.0
+
+
 # ---- the entry points the CLI calls --------------------------------------------------------------
 
 def run_live(*, portrait: str | os.PathLike, controls, mic: str | int | None = None, camera: bool = True,
              camera_backend: str | None = None, camera_device: str | None = None, preview: bool = False,
              delayed_mic: str | int | None = None, audio_model: str = "trained", motion_model: str = "generator",
-             face_index: int | None = None, audio_backend=None, torch_threads: int = 1, gate: bool = True,
+             face_index: int | None = None, runtime: str = "auto", audio_backend=None, torch_threads: int = 1,
+             gate: bool = True,
              seconds: float | None = None, record: bool = False,
              on_status: Callable[[LiveStats], None] | None = None) -> LiveStats:
     """`vasa-avatar run`: the portrait speaks with the microphone on the virtual camera until
     SIGINT/SIGTERM (or `seconds`). Device problems found at start are AvatarErrors; once running,
-    device loss is retried."""
+    device loss is retried. `runtime` is the engine back-end (engines/runtime.py: "auto" picks
+    TensorRT or torch on CUDA when there is a GPU, torch on the CPU otherwise)."""
     import torch
+
+    from engines.runtime import create_backend
 
     from avatar.camera import PreviewSink, open_camera
     from avatar.controls import controls_tensor
@@ -436,7 +480,9 @@ def run_live(*, portrait: str | os.PathLike, controls, mic: str | int | None = N
 
         rig = load_rig(portrait, head_distance=controls.head_distance, face_index=face_index)
         engines = load_engines(audio_model=audio_model, motion_model=motion_model)
-        pipeline = Pipeline(engines, rig.inputs(), controls_tensor(controls), seed=controls.seed)
+        backend = create_backend(runtime, engines=engines)
+        log.info("live: engines on %s", backend.describe())
+        pipeline = Pipeline(backend.engines(engines), rig.inputs(), controls_tensor(controls), seed=controls.seed)
         warm_up(pipeline)
 
         delayed = stack.enter_context(DelayedMic(delayed_mic, backend=audio_backend)) if delayed_mic is not None else None
@@ -491,8 +537,8 @@ GOALS = {"fps_new_min": 40.0, "on_time_share_min": 0.99, "latency_p95_ms_max": 1
 
 
 def bench_live(*, audio: Path, seconds: float, portrait: Path | None, out: Path,
-               audio_model: str = "trained", motion_model: str = "generator", device_rate: int = 48_000,
-               torch_threads: int = 1) -> dict:
+               audio_model: str = "trained", motion_model: str = "generator", runtime: str = "auto",
+               device_rate: int = 48_000, torch_threads: int = 1) -> dict:
     """Play `audio` through a fake microphone (a thread calling the real callback at real-time pace,
     at `device_rate` Hz stereo so the resampler works as with a real device, looping the file) into
     a recording camera backend, through the real pipeline and pacing code, for `seconds`. Writes
@@ -502,9 +548,11 @@ def bench_live(*, audio: Path, seconds: float, portrait: Path | None, out: Path,
     ON_TIME_MS (5 ms) after its deadline (the pacing thread never sends early); missed ticks count
     as late. *fps_delivered* counts every frame sent (repeats included: what the camera sees),
     *fps_new* only freshly rendered ones. *Latency* runs from the capture time of the newest audio
-    sample that shaped a frame to its hand-over, over fresh frames. *Drift* is the median latency
+    sample that shaped a frame to its hand-over, over fresh frames. *Drift* is the mean latency
     of the last window minus the first (60 s windows for runs of 3 minutes or more, else 10% of the
-    run each, the first second skipped as warm-up).
+    run each, the first second skipped as warm-up); means, not medians, because latency takes
+    values a tick (25 ms) apart as rendering beats against the frame clock, and a median flips
+    between them.
     """
     import pyvirtualcam
     from scipy.signal import resample_poly
@@ -536,11 +584,11 @@ def bench_live(*, audio: Path, seconds: float, portrait: Path | None, out: Path,
 
     stats = run_live(portrait=portrait, controls=Controls(), camera_backend=BENCH_CAMERA_BACKEND,
                      audio_backend=backend, audio_model=audio_model, motion_model=motion_model,
-                     torch_threads=torch_threads, seconds=seconds, record=True)
+                     runtime=runtime, torch_threads=torch_threads, seconds=seconds, record=True)
     result = live_metrics(stats, seconds=seconds)
     result.update({
         "audio": str(audio), "portrait": str(portrait), "seconds_requested": seconds,
-        "audio_model": audio_model, "motion_model": motion_model, "device_rate_hz": device_rate,
+        "audio_model": audio_model, "motion_model": motion_model, "runtime": runtime, "device_rate_hz": device_rate,
         "torch_threads": torch_threads, "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
         "camera_frames_received": sum(b.frames for b in RecordingBackend.instances),
@@ -572,9 +620,9 @@ def live_metrics(stats: LiveStats, *, seconds: float) -> dict:
         w = max(0.1 * seconds, 0.5)
         first, last = (t >= 1.0) & (t < 1.0 + w), t >= (t[-1] - w if t.size else 0)
 
-    def median(mask):
+    def mean(mask):
         v = lat[mask & fresh]
-        return float(np.median(v)) if v.size else math.nan
+        return float(np.mean(v)) if v.size else math.nan
 
     def pct(q):
         return round(float(np.percentile(lat[fresh], q)), 1) if fresh.any() else math.nan
@@ -594,7 +642,7 @@ def live_metrics(stats: LiveStats, *, seconds: float) -> dict:
                              "max": round(float(late_ms.max()), 2) if late_ms.size else math.nan},
         "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99), "frames": int(fresh.sum())},
         "av_offset_ms": stats.av_offset_ms,
-        "drift_ms": round(median(last) - median(first), 2),
+        "drift_ms": round(mean(last) - mean(first), 2),
         "dropped": {"frames_repeated": stats.frames_repeated, "ticks_missed": stats.ticks_missed,
                     "frames_stale": stats.frames_stale, "audio_ms": round(stats.audio_dropped_ms, 1)},
         "frames_rendered": stats.frames_rendered,
