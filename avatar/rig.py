@@ -569,8 +569,170 @@ def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tupl
     }
 
 
+EYES = (  # per eye: outer->inner corner order is per side; irises: centre then four edge points
+    {"upper": EYE_RIGHT_UPPER, "lower": EYE_RIGHT_LOWER, "iris": (468, 469, 470, 471, 472)},
+    {"upper": EYE_LEFT_UPPER, "lower": EYE_LEFT_LOWER, "iris": (473, 474, 475, 476, 477)},
+)
+
+
+def refine_iris(lum: np.ndarray, centre: np.ndarray, radius: float, opening: np.ndarray) -> tuple[np.ndarray, float]:
+    """The iris circle fitted to the photo: the dark disc's left and right edges row by row
+    (the lids hide its top and bottom), a least-squares circle through them. Falls back to
+    the face mesh's estimate when the fit is implausible. lum, opening: frame-sized."""
+    import cv2
+
+    dark = cv2.erode(lum.astype(np.float32), np.ones((3, 3), np.uint8))  # catchlights shrink away
+    dark = cv2.GaussianBlur(dark, (0, 0), 0.7)
+    r0 = int(np.ceil(radius * 1.6))
+    cx, cy = int(round(centre[0])), int(round(centre[1]))
+    box = (slice(max(cy - r0, 0), cy + r0 + 1), slice(max(cx - 2 * r0, 0), cx + 2 * r0 + 1))
+    inside = opening[box]
+    if inside.sum() < 20:
+        return centre, radius
+    vals = dark[box][inside]
+    sclera, iris = np.percentile(vals, 90), np.percentile(vals, 10)
+    if sclera - iris < 25:
+        return centre, radius
+    thr = (sclera + iris) / 2
+    pts = []
+    for y in range(cy - int(0.7 * radius), cy + int(0.7 * radius) + 1):
+        if not (0 <= y < lum.shape[0]) or not opening[y, cx]:
+            continue
+        row, ok = dark[y], opening[y]
+        for step in (-1, 1):
+            x = cx
+            while ok[x] and row[x] < thr and abs(x - cx) < 2 * radius:
+                x += step
+            if not ok[x] or abs(x - cx) >= 2 * radius:
+                continue  # ran into a lid corner: not the iris's own edge
+            a, b = row[x - step], row[x]
+            pts.append((x - step + step * (thr - a) / max(b - a, 1e-6), y))
+    if len(pts) < 6:
+        return centre, radius
+    p = np.array(pts, np.float64)
+    a = np.c_[2 * p, np.ones(len(p))]
+    sol = np.linalg.lstsq(a, (p ** 2).sum(1), rcond=None)[0]
+    c = sol[:2]
+    r = float(np.sqrt(max(sol[2] + c @ c, 0.0)))
+    if not (0.6 * radius < r < 1.4 * radius) or np.linalg.norm(c - centre) > 0.6 * radius:
+        return centre, radius
+    return c, r
+
+
+def eye_geometry(lm: np.ndarray, fw: float, irises) -> tuple[np.ndarray, np.ndarray]:
+    """Per eye [subject's right, subject's left]: frame (10,) = centre x, y, axis x, y, half-width,
+    crease above, crease below, iris radius, lid margin bands above and below; lids (2, 5) = upper and lower margins as quartics in
+    sigma = u / half-width (v in px, down the eye's normal)."""
+    frames, lids = [], []
+    for eye in EYES:
+        c0, c1 = lm[eye["upper"][0], :2], lm[eye["upper"][-1], :2]
+        left, right = (c0, c1) if c0[0] < c1[0] else (c1, c0)
+        centre = (left + right) / 2
+        axis = (right - left) / np.linalg.norm(right - left)
+        normal = np.array([-axis[1], axis[0]])
+        half = np.linalg.norm(right - left) / 2
+
+        def local(ids):
+            q = lm[list(ids), :2] - centre
+            return q @ axis / half, q @ normal
+
+        fits = []
+        for ids in (eye["upper"], eye["lower"]):
+            sig, v = local(ids)
+            a = np.stack([sig ** k for k in range(5)], 1)
+            w = np.ones(len(sig))
+            w[[0, -1]] = 4.0  # the corners pin the curve's ends
+            fits.append(np.linalg.lstsq(a * w[:, None], v * w, rcond=None)[0])
+        grid = np.linspace(-1, 1, 41)
+        powers = np.stack([grid ** k for k in range(5)], 1)
+        up, low = powers @ fits[0], powers @ fits[1]
+        if (low < up).any():  # a closed or squinting eye: the lower margin never above the upper
+            fits[1] = np.linalg.lstsq(powers, np.maximum(low, up), rcond=None)[0]
+        height = float(np.max(powers @ fits[1] - powers @ fits[0]))
+        iris_c, radius = irises[len(frames)]
+        band_up = float(np.clip(0.12 * height, 1.0, 3.0))
+        band_low = float(np.clip(0.06 * height, 0.5, 1.5))
+        frames.append([*centre, *axis, half, max(1.1 * height, 0.04 * fw), max(0.8 * height, 0.03 * fw), radius,
+                       band_up, band_low])
+        lids.append(fits)
+    return np.array(frames), np.array(lids)
+
+
+def eye_layers(img: np.ndarray, iris_centres: np.ndarray, frames: np.ndarray, lids: np.ndarray,
+               origin: tuple[int, int], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """The eyeballs (sclera where the irises are, the sclera continued past the lids) and the
+    irises as full discs (their hidden parts from their own radial profile), on a source crop.
+    Both equal the photo inside the visible openings, so neutral motion shows the photo exactly."""
+    import cv2
+
+    ys, xs = np.mgrid[origin[1]:origin[1] + height, origin[0]:origin[0] + width].astype(np.float64)
+    crop = img[origin[1]:origin[1] + height, origin[0]:origin[0] + width].astype(np.float32)
+    ball = crop.copy()
+    iris_rgba = np.zeros((height, width, 4), np.float32)
+    nearest = np.argmin(np.stack([np.hypot(xs - f[0], ys - f[1]) for f in frames]), axis=0)
+    for e, (f, fit) in enumerate(zip(frames, lids)):
+        centre, axis, half, radius = f[0:2], f[2:4], f[4], f[7]
+        normal = np.array([-axis[1], axis[0]])
+        u = (xs - centre[0]) * axis[0] + (ys - centre[1]) * axis[1]
+        v = (xs - centre[0]) * normal[0] + (ys - centre[1]) * normal[1]
+        sig = np.clip(u / half, -1, 1)
+        powers = np.stack([sig ** k for k in range(5)], -1)
+        up, low = powers @ fit[0], powers @ fit[1]
+        band_up, band_low = f[8], f[9]
+        clean_up, clean_low = up + band_up, low - band_low  # the eyeball free of lid shadow
+        opening = (v > clean_up) & (v < clean_low) & (np.abs(u) < half)
+        visible = (v > clean_up + 1) & (v < clean_low - 1) & (np.abs(u) < half)
+        ic = iris_centres[e]
+        d = np.hypot(xs - ic[0], ys - ic[1])
+        iu = (ic - centre) @ axis
+        mine = nearest == e
+
+        # iris disc: visible pixels as they are, hidden ones from the mean colour at their radius
+        bins = np.clip((d / 0.5).astype(int), 0, 400)
+        profile = np.zeros((401, 3), np.float32)
+        known = np.zeros(401, bool)
+        sel = visible & (d <= radius + 2)
+        for b in np.unique(bins[sel]):
+            profile[b] = crop[sel & (bins == b)].mean(0)
+            known[b] = True
+        if known.any():
+            idx = np.arange(401)
+            for ch in range(3):
+                profile[:, ch] = np.interp(idx, idx[known], profile[known, ch])
+        else:  # no iris visible at all (closed eye): a dark brown default
+            profile[:] = (70, 50, 40)
+        disc = mine & (d <= radius + 2.5)
+        rgb = np.where(opening[..., None], crop, profile[bins])
+        alpha = np.clip(radius + 2.5 - d, 0, 1)
+        iris_rgba[disc] = np.concatenate([rgb, alpha[..., None]], -1)[disc]
+
+        def at(uu, vv):
+            px = centre[0] + uu * axis[0] + vv * normal[0] - origin[0]
+            py = centre[1] + uu * axis[1] + vv * normal[1] - origin[1]
+            return cv2.remap(crop, px.astype(np.float32), py.astype(np.float32), cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REPLICATE)
+
+        # eyeball: inside the opening the iris is replaced by sclera interpolated across it...
+        span = radius + 2.5
+        left, right = at(np.full_like(u, iu - span), v), at(np.full_like(u, iu + span), v)
+        w = np.clip((u - (iu - span)) / (2 * span), 0, 1)[..., None]
+        fill = left * (1 - w) + right * w
+        ball[opening & (d <= radius + 1.5) & mine] = fill[opening & (d <= radius + 1.5) & mine]
+        # ...and past the clean opening (under the lids and their shadow) its nearest clean row
+        # continues, a little shaded; where the iris would sit there, the sclera from beside it
+        lo_row = np.maximum(clean_low - 1.0, clean_up + 1.0)
+        hidden = mine & ~opening & (np.abs(u) < half * 1.1)
+        row_fill = at(u, np.clip(v, clean_up + 1.0, lo_row))
+        hidden_iris = hidden & (d <= radius + 1.5)
+        row_fill[hidden_iris] = fill[hidden_iris]
+        ball[hidden] = row_fill[hidden] * 0.88
+    return ball, iris_rgba
+
+
 def build_rig(portrait) -> Rig:
     """Portrait (avatar/portrait.py) -> Rig. Deterministic; takes well under a second."""
+    import cv2
+
     from engines import face_decoder as fd
     from avatar.motion import INDEX, N_CHANNELS
 
@@ -675,13 +837,15 @@ def build_rig(portrait) -> Rig:
     centre_px = lm[:, :2].mean(0)
     op = operator(nodes, inner)
     head_w = _motion_weight(still, frame)
+    head_w[head_w < 1e-3] = 0.0  # no vanishing weights: subnormal floats are slow on CPUs
     op *= head_w[np.clip(np.round(gy).astype(int), 0, size - 1), np.clip(np.round(gx).astype(int), 0, size - 1)].ravel()[:, None]
 
     # -- anchors: mouth centre (places the mouth window), skull and mandible triangles (carry the
     # teeth rigidly), between the eyes
     mc = (lm[13] + lm[14]) / 2
     up3 = np.r_[mc[:2] - 0.12 * fw * frame.ey, lm[0, 2]]
-    anchor_xyz = np.stack([mc, lm[78], lm[308], up3, lm[78], lm[308], lm[17], lm[168]])
+    eyes_mid = lm[[33, 133, 263, 362]].mean(0)
+    anchor_xyz = np.stack([mc, lm[78], lm[308], up3, lm[78], lm[308], lm[17], eyes_mid])
     anchor_jaw = np.array([0.5, 0, 0, 0, 1, 1, 1, 0], dtype=np.float64)
     assert len(anchor_xyz) == fd.N_ANCHORS
 
@@ -699,6 +863,27 @@ def build_rig(portrait) -> Rig:
     a = layers["mouth_half_width"]
     blend = 1.0 - _smoothstep((np.abs(frame.local(mnodes)[:, 0]) - a) / 0.06)
 
+    # -- eyes: geometry and layers on a source crop around both
+    lum = img.astype(np.float64) @ LUMA
+    irises = []
+    for e, eye in enumerate(EYES):
+        ring = lm[list(eye["upper"]) + list(eye["lower"])[::-1], :2]
+        opening = np.zeros(lum.shape, np.uint8)
+        cv2.fillPoly(opening, [np.round(ring).astype(np.int32)], 1)
+        iris = lm[list(eye["iris"]), :2]
+        irises.append(refine_iris(lum, iris[0], float(np.mean(np.linalg.norm(iris[1:] - iris[0], axis=1))),
+                                  opening.astype(bool)))
+    eye_frame, eye_lids = eye_geometry(lm, fw, irises)
+    ec = anchor_xyz[7, :2]
+    ex0 = int(round(ec[0] - fd.EYES_SRC_W / 2))
+    ey0 = int(round(ec[1] - fd.EYES_SRC_H / 2))
+    epad = max(0, -ex0, -ey0, ex0 + fd.EYES_SRC_W - size, ey0 + fd.EYES_SRC_H - size)
+    epadded = np.pad(img, ((epad, epad), (epad, epad), (0, 0)), mode="edge") if epad else img
+    shifted = eye_frame.copy()
+    shifted[:, 0:2] += epad
+    eye_ball, eye_iris = eye_layers(epadded, np.array([c for c, _ in irises]) + epad, shifted, eye_lids,
+                                    (ex0 + epad, ey0 + epad), fd.EYES_SRC_W, fd.EYES_SRC_H)
+
     # -- images
     photo = torch.from_numpy(img)
     rgbm = np.concatenate([img.astype(np.float32), person[..., None]], axis=2)
@@ -709,12 +894,18 @@ def build_rig(portrait) -> Rig:
     edge = np.minimum(np.minimum(wy, fd.WIN - 1 - wy), np.minimum(wx, fd.WIN - 1 - wx))
     taper = _smoothstep(edge / 16.0)[..., None]
     bg = img[y0:y0 + fd.WIN, x0:x0 + fd.WIN] * (1 - taper) + bg * taper
+    wy, wx = np.mgrid[0:fd.WIN, 0:fd.WIN].astype(np.float64)
+    window_grid = np.stack([(2 * (wx + x0) + 1) / size - 1, (2 * (wy + y0) + 1) / size - 1], axis=-1)
     ys, xs = np.mgrid[0:size, 0:size]
     inside = (ys >= y0) & (ys < y0 + fd.WIN) & (xs >= x0) & (xs < x0 + fd.WIN)
     source = (ys * size + xs).astype(np.int64)
     source[inside] = size * size + ((ys - y0) * fd.WIN + (xs - x0))[inside]
 
-    f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    def f32(a) -> Tensor:
+        a = np.array(a, dtype=np.float32)
+        a[np.abs(a) < 1e-20] = 0.0  # no subnormal floats: they are slow on CPUs
+        return torch.from_numpy(np.ascontiguousarray(a))
+
     engine = {
         "photo_rgbm": f32(rgbm.transpose(2, 0, 1)[None]),
         "photo_u8": photo.reshape(-1, 3).clone(),
@@ -728,16 +919,23 @@ def build_rig(portrait) -> Rig:
         "face_width": f32([fw]),
         "main_operator": f32(op),
         "window_origin": f32([x0, y0]),
+        "window_grid": f32(window_grid[None]),
         "anchor_xyz": f32(anchor_xyz),
         "anchor_jaw": f32(anchor_jaw),
         "mouth_operator": f32(mouth_op),
         "mouth_src_origin": f32([mx0, my0]),
-        "mouth_lip_upper": f32(layers["lip_upper"].transpose(2, 0, 1)[None]),
-        "mouth_lip_lower": f32(layers["lip_lower"].transpose(2, 0, 1)[None]),
-        "mouth_teeth_upper": f32(layers["teeth_upper"].transpose(2, 0, 1)[None]),
-        "mouth_teeth_lower": f32(layers["teeth_lower"].transpose(2, 0, 1)[None]),
+        "mouth_layers": f32(np.stack([
+            np.dstack([layers["lip_upper"], np.zeros(layers["lip_upper"].shape[:2])]),
+            np.dstack([layers["lip_lower"], np.zeros(layers["lip_lower"].shape[:2])]),
+            layers["teeth_upper"],
+            np.dstack([layers["teeth_lower"], np.zeros(layers["teeth_lower"].shape[:2])]),
+        ]).transpose(0, 3, 1, 2)),
         "mouth_blend": f32(blend.reshape(1, 1, fd.MOUTH_SRC_H // ms, fd.MOUTH_SRC_W // ms)),
         "cavity_rgb": f32(layers["cavity"]),
+        "eye_frame": f32(eye_frame),
+        "eye_lids": f32(eye_lids),
+        "eye_src_origin": f32([ex0, ey0]),
+        "eye_layers": f32(np.stack([np.dstack([eye_ball, np.ones(eye_ball.shape[:2])]), eye_iris]).transpose(0, 3, 1, 2)),
     }
     rig = Rig(image=photo.clone(), landmarks=f32(portrait.landmarks), engine=engine)
     rig.check()

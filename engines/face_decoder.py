@@ -1,25 +1,32 @@
-"""FaceDecoder: motion vector + portrait rig -> one 512x512 RGB frame. Training-free 2.5D renderer.
+"""FaceDecoder: motion vector + portrait rig -> one 512x512 RGB frame. A training-free 2.5D renderer.
 
     frame = FaceDecoder()(motion, *rig.inputs())
     motion: (1, N_CHANNELS) float32, channels as in avatar/motion.py
     frame:  (1, FRAME_SIZE, FRAME_SIZE, 3) uint8 RGB
 
-Rig inputs, in RIG_INPUTS order (name, shape, dtype): see RIG_INPUTS below; `avatar/rig.py` builds
-them once per portrait. Shapes are fixed and do not depend on the portrait, so one exported graph
-serves every portrait.
+The rig inputs follow RIG_INPUTS below (name, shape, dtype, in order); `avatar/rig.py` builds them
+once per portrait. Shapes are fixed and never depend on the portrait, so one exported graph serves
+every portrait. Pure: no I/O, no randomness, no data-dependent Python control flow.
 
-How a frame is made (all static shapes, no data-dependent Python control flow):
-1. Control points (face landmarks, a ring of hair/skull points, fixed anchors) move: expression
-   channels add per-point displacement patterns, jaw_open rotates the lower face about a hinge
-   behind the ears, then the head rotates rigidly in 3D about a neck pivot and is scaled/shifted.
-2. Their 2D displacements become dense forward fields on coarse grids through precomputed linear
-   thin-plate-spline operators (W = K_grid . L^-1, one matmul, no per-frame solve), and are
-   inverted into backward maps by fixed-point iteration on the coarse grid.
-3. The head window (a fixed-size square around the head, 1:1 with the frame) samples the photo and
-   the person mask through the main backward map and is composited over the inpainted background,
-   so the background stays still where the head leaves it.
-4. The frame is the photo outside the window and the window inside (an index gather, so the
-   window's position can come from the rig).
+How a frame is made:
+1. Control points (face landmarks, a ring of hair/skull points, anchors on the still body) move:
+   expression channels add per-point displacement patterns, jaw_open swings the lower face about
+   a hinge below and behind the ears, then the head turns rigidly in 3D about a neck pivot and is
+   scaled and shifted.
+2. Their 2D displacements become forward displacement fields on coarse grids through precomputed
+   thin-plate-spline operators (W = K_grid . L^-1: one matmul, no per-frame solve), inverted into
+   backward maps by guarded Newton steps on the coarse nodes, then upsampled.
+3. Head window (a fixed square over the head, 1:1 with the frame): the photo and its person mask
+   are sampled through the main map and composited over the inpainted background, so the room
+   stays still where the head leaves it.
+4. Mouth window (follows the mouth): layers cut along the inner lip line. Back to front: a shaded
+   cavity, tongue and lower teeth riding the mandible, upper teeth (the photo's own where visible)
+   riding the skull, then the lower and upper lips, each warped by its own field.
+5. Eye window (follows the eyes): in the photo's coordinates, per eye along its own axis, lid skin
+   is stretched over the eyeball as the lids close; in the opening that remains, the sclera and the
+   iris (moved by the gaze) show through.
+6. The windows are written into the head window, and the head window into the photo.
+At zero motion every displacement is an exact zero, so the photo comes back unchanged.
 """
 
 from __future__ import annotations
@@ -33,80 +40,98 @@ from torch import Tensor, nn
 from avatar.constants import FRAME_SIZE
 from avatar.motion import INDEX, N_CHANNELS
 
-
 WIN = 448  # head window side, px, 1:1 with the frame
-STEP = 8  # coarse grid spacing of the backward maps, px
-GRID = WIN // STEP  # 56 coarse nodes per side; node k sits at pixel STEP * k + (STEP - 1) / 2
+STEP = 8  # coarse node spacing of the backward maps, px
+GRID = WIN // STEP  # 56 nodes per side; node k sits at pixel STEP * k + (STEP - 1) / 2
 N_CTRL = 256  # control points, padded with inert zeros
-NEWTON_ITERS = 5  # backward-map iterations (guarded Newton); the first starts from the identity
-NEWTON_MAX_STEP_PX = 12.0  # a step longer than this is shortened (the map may fold)
+NEWTON_ITERS = 4  # backward-map iterations (guarded Newton), starting from the identity
+NEWTON_MAX_STEP_PX = 12.0  # a longer step is shortened (the map may fold)
 ALPHA_RAMP_PX = 1.5  # backward shift (px) over which the person layer switches to alpha compositing
 JAW_MAX_DEG = 13.0  # jaw_open = 1: the mandible's rotation about the hinge
 
-# mouth window: follows the mouth on screen, 1:1 with the frame
-MOUTH_W, MOUTH_H = 176, 144
+MOUTH_W, MOUTH_H = 176, 144  # mouth window, px; it follows the mouth on screen
 MOUTH_ANCHOR_AT = (0.5, 0.36)  # where the mouth centre sits in the window (fractions)
-MOUTH_SRC_W, MOUTH_SRC_H = 256, 224  # source crop of the mouth textures, px
-MOUTH_SRC_STEP = 4  # spacing of the mouth's forward fields on the source crop
-LIP_FEATHER_PX = 1.5  # the lips' inner edge fades over this many (source) px into the mouth
-N_ANCHORS = 8  # extra moved points: mouth centre, skull and mandible triangles, eyes centre
+MOUTH_SRC_W, MOUTH_SRC_H = 256, 224  # source crop of the mouth layers, px
+MOUTH_SRC_STEP = 8  # node spacing of the lip fields on the source crop
+MOUTH_LAYERS = 4  # upper lip, lower lip, upper teeth, lower teeth (see RIG_INPUTS)
+LIP_FEATHER_PX = 1.5  # a lip's inner edge fades over this many (source) px into the mouth
 
+EYES_W, EYES_H = 224, 72  # eye window (both eyes), px; it follows the eyes on screen
+EYES_SRC_W, EYES_SRC_H = 288, 112  # source crop of the eye layers, px
+LID_FEATHER_PX = 1.0  # the eye opening fades over this many px, inside the opening
+BLINK_CLOSURE = 0.62  # closed lids meet this far down the opening (slightly below the middle)
+EYEBALL_RADIUS_IRIS = 2.2  # eyeball radius in iris radii: how far the iris travels per degree
+
+N_ANCHORS = 8  # rigid points: mouth centre, skull triangle (3), mandible triangle (3), eyes centre
 N_PIX = FRAME_SIZE * FRAME_SIZE
 N_WIN = WIN * WIN
 _MGW, _MGH = MOUTH_SRC_W // MOUTH_SRC_STEP, MOUTH_SRC_H // MOUTH_SRC_STEP
 
 RIG_INPUTS: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = (
-    # the framed photo (RGB 0..255) and person mask (0..1) stacked, sampled by the head window
+    # the framed photo, RGB 0..255, and its person mask 0..1, stacked
     ("photo_rgbm", (1, 4, FRAME_SIZE, FRAME_SIZE), torch.float32),
-    # the frame as uint8, flattened to pixels: what the frame shows outside the head window
+    # the frame as uint8 pixels: what the frame shows outside the head window
     ("photo_u8", (N_PIX, 3), torch.uint8),
     # the inpainted background under the head window, RGB 0..255
     ("window_background", (1, 3, WIN, WIN), torch.float32),
     # for each frame pixel, its index into cat(photo_u8, window pixels): the paste-back
     ("frame_source", (N_PIX,), torch.int64),
-    # the head window's top-left corner in the frame, px (x, y)
+    # the head window's top-left pixel in the frame (x, y), and the grid_sample coordinates of
+    # its pixel centres in the frame
     ("window_origin", (2,), torch.float32),
-    # control points: source x, y, z in frame pixels (z toward the viewer is negative)
+    ("window_grid", (1, WIN, WIN, 2), torch.float32),
+    # control points: source x, y, z in frame px (z toward the viewer is negative)
     ("ctrl_xyz", (N_CTRL, 3), torch.float32),
-    # displacement of every control point per unit of every motion channel (px; head rows zero)
+    # each control point's displacement per unit of each motion channel (px; head rows zero)
     ("ctrl_basis", (N_CHANNELS, N_CTRL, 3), torch.float32),
-    # how much each control point follows the jaw's rotation, 0..1
+    # how much each control point follows the mandible, 0..1
     ("ctrl_jaw", (N_CTRL,), torch.float32),
-    # anchors (rigid points, no expression): mouth centre, skull triangle (3), mandible
-    # triangle (3), between the eyes; and how much each follows the jaw
+    # anchors (rigid, no expression) and how much each follows the mandible
     ("anchor_xyz", (N_ANCHORS, 3), torch.float32),
     ("anchor_jaw", (N_ANCHORS,), torch.float32),
-    # jaw hinge and neck pivot (frame px, z px), face width (px)
+    # jaw hinge and neck pivot (x, y, z px), face width (px)
     ("jaw_hinge", (3,), torch.float32),
     ("head_pivot", (3,), torch.float32),
     ("face_width", (1,), torch.float32),
-    # TPS operator for the main window's coarse grid, faded to zero on the still body; the inner
-    # lips are left out (where the lips part, the mouth layers take over)
+    # TPS operator to the head window's coarse nodes, faded to zero on the still body; the inner
+    # lips are left out of it (where the lips part the mouth layers take over)
     ("main_operator", (GRID * GRID, N_CTRL), torch.float32),
-    # TPS operators for the mouth's source crop grid: [upper lip's field (the lower lip left out),
-    # lower lip's field (the upper lip left out)], so neither folds where the lips part
+    # TPS operators to the mouth crop's nodes: [upper lip's field, without the lower lip;
+    # lower lip's field, without the upper lip], so neither folds where the lips part
     ("mouth_operator", (2, _MGH * _MGW, N_CTRL), torch.float32),
-    # top-left of the mouth's source crop in the frame, px (x, y)
+    # the mouth's source crop: top-left pixel in the frame (x, y) and its layers, 5 channels each:
+    #   0 upper lip: the photo with the mouth's inside inpainted (RGB), signed distance to the
+    #     upper inner lip line (px, + toward the lip), 0
+    #   1 lower lip: the same, distance to the lower inner lip line
+    #   2 upper teeth: premultiplied RGBA of the photo's visible mouth inside over shaded upper
+    #     teeth, + the cavity's shading factor
+    #   3 lower teeth: premultiplied RGBA of the tongue, lower teeth and the photo's mouth inside
+    #     below the upper teeth's biting edge, 0
     ("mouth_src_origin", (2,), torch.float32),
-    # mouth layers on the source crop. lip_upper / lip_lower: the photo with the mouth's inside
-    # inpainted (RGB) + signed distance to the inner lip line (px, + toward that lip);
-    # teeth_upper: premultiplied RGBA of the photo's visible mouth inside over shaded upper teeth,
-    # + a cavity shading factor; teeth_lower: premultiplied RGBA of tongue, lower teeth and the
-    # lower part of the photo's mouth inside
-    ("mouth_lip_upper", (1, 4, MOUTH_SRC_H, MOUTH_SRC_W), torch.float32),
-    ("mouth_lip_lower", (1, 4, MOUTH_SRC_H, MOUTH_SRC_W), torch.float32),
-    ("mouth_teeth_upper", (1, 5, MOUTH_SRC_H, MOUTH_SRC_W), torch.float32),
-    ("mouth_teeth_lower", (1, 4, MOUTH_SRC_H, MOUTH_SRC_W), torch.float32),
-    # 1 between the mouth corners, 0 beyond them, on the source crop grid: where the upper and
-    # lower layers may differ (beyond the corners they share the main map, so no seam)
+    ("mouth_layers", (MOUTH_LAYERS, 5, MOUTH_SRC_H, MOUTH_SRC_W), torch.float32),
+    # 1 between the mouth corners, 0 beyond them (on the lip fields' nodes): where the upper and
+    # lower lips may follow different fields (beyond the corners both follow the main map)
     ("mouth_blend", (1, 1, _MGH, _MGW), torch.float32),
     # colour of the mouth's dark inside, RGB 0..255
     ("cavity_rgb", (3,), torch.float32),
+    # per eye [subject's right, subject's left]: centre x, y (px), axis x, y (unit, corner to
+    # corner toward +x), half-width (px), crease above and below the lids (px), iris radius (px),
+    # the lids' margin bands (upper, lower; px) that move with them (lashes, lid shadow)
+    ("eye_frame", (2, 10), torch.float32),
+    # per eye, upper and lower lid margins: v (px, down the eye's normal) as quartics in
+    # sigma = u / half-width, coefficients from sigma^0 up
+    ("eye_lids", (2, 2, 5), torch.float32),
+    # the eyes' source crop: top-left pixel in the frame (x, y) and two layers: the eyeballs with
+    # the irises removed (sclera filled, RGB, 1) and the irises as full discs (straight RGBA)
+    ("eye_src_origin", (2,), torch.float32),
+    ("eye_layers", (2, 4, EYES_SRC_H, EYES_SRC_W), torch.float32),
 )
 RIG_INPUT_NAMES: tuple[str, ...] = tuple(name for name, _, _ in RIG_INPUTS)
 
-_HEAD = (INDEX["yaw"], INDEX["pitch"], INDEX["roll"], INDEX["tx"], INDEX["ty"], INDEX["scale"])
+_HEAD = tuple(INDEX[n] for n in ("yaw", "pitch", "roll", "tx", "ty", "scale"))
 _JAW = INDEX["jaw_open"]
+_EYE_CHANNELS = tuple(INDEX[n] for n in ("blink_right", "blink_left", "smile_right", "smile_left", "squint",
+                                          "eyes_wide", "gaze_yaw", "gaze_pitch"))
 _DEG = math.pi / 180.0
 
 
@@ -134,10 +159,10 @@ def _minus_identity(r: Tensor) -> Tensor:
 
 def move_points(motion: Tensor, xyz: Tensor, basis: Tensor | None, jaw_weight: Tensor, jaw_hinge: Tensor,
                 head_pivot: Tensor, face_width: Tensor) -> Tensor:
-    """Points under a motion vector: expression patterns, jaw rotation, then the rigid head.
+    """Points under a motion vector: expression patterns, the jaw's swing, then the rigid head.
 
     motion (1, N_CHANNELS); xyz (P, 3) px; basis (N_CHANNELS, P, 3) or None; jaw_weight (P,)
-    -> displacement (P, 3) px. Built from terms that are exactly zero at neutral.
+    -> displacement (P, 3) px, built from terms that are exactly zero at neutral.
     """
     m = motion[0]
     zero = torch.zeros_like(m[0])
@@ -153,99 +178,94 @@ def move_points(motion: Tensor, xyz: Tensor, basis: Tensor | None, jaw_weight: T
     return offset + head
 
 
-def _normalise(x: Tensor, origin: Tensor, extent: tuple[int, int]) -> Tensor:
-    """Pixel positions (..., 2) -> grid_sample coordinates of an image of extent (w, h) px whose
-    top-left pixel centre is at `origin` (align_corners=False convention)."""
-    size = torch.tensor([float(extent[0]), float(extent[1])])
-    return (2.0 * (x - origin) + 1.0) / size - 1.0
-
-
-def _sample(image: Tensor, x: Tensor, origin: Tensor, extent: tuple[int, int]) -> Tensor:
-    """image (1, C, h, w) sampled at pixel positions x (1, H, W, 2) -> (1, C, H, W), bilinear."""
-    return F.grid_sample(image, _normalise(x, origin, extent), mode="bilinear", padding_mode="border",
-                         align_corners=False)
-
-
-def _with_gradient(forward: Tensor) -> Tensor:
-    """(1, 2, h, w) displacement on a grid of `step` px -> (1, 6, h, w): d and its Jacobian
+def _with_gradient(forward: Tensor, step: int) -> Tensor:
+    """(B, 2, h, w) displacement on nodes `step` px apart -> (B, 6, h, w): d and its Jacobian
     [dx, dy, d(dx)/dx, d(dx)/dy, d(dy)/dx, d(dy)/dy] per px, by central differences."""
     p = F.pad(forward, (1, 1, 1, 1), mode="replicate")
-    ddx = (p[:, :, 1:-1, 2:] - p[:, :, 1:-1, :-2]) * 0.5
-    ddy = (p[:, :, 2:, 1:-1] - p[:, :, :-2, 1:-1]) * 0.5
+    ddx = (p[:, :, 1:-1, 2:] - p[:, :, 1:-1, :-2]) * (0.5 / step)
+    ddy = (p[:, :, 2:, 1:-1] - p[:, :, :-2, 1:-1]) * (0.5 / step)
     return torch.cat([forward, ddx[:, :1], ddy[:, :1], ddx[:, 1:], ddy[:, 1:]], dim=1)
 
 
-def invert_field(forward: Tensor, nodes: Tensor, origin: Tensor, extent: tuple[int, int], step: int,
-                 iters: int = NEWTON_ITERS) -> Tensor:
-    """Backward map of a forward displacement field: solve x + d(x) = y by guarded Newton steps.
+def invert_field(forward: Tensor, nodes: Tensor, origin: Tensor, inv_extent: Tensor, step: int) -> Tensor:
+    """Backward map of forward displacement fields: solve x + d(x) = y by guarded Newton steps.
 
-    forward: (1, 2, h, w) px displacement at source positions, nodes every `step` px over `extent`
-             px from `origin` (frame px)
-    nodes:   (1, H, W, 2) output positions (frame px) to invert at
-    -> (1, H, W, 2) source positions x; where the map folds and no step converges, the iterate
-    with the smallest residual. At zero displacement every step is exactly zero.
+    forward: (B, 2, h, w) px displacement at source nodes `step` px apart covering a region whose
+             top-left pixel is `origin` (frame px); inv_extent: (2,) 2 / region size (w, h) px
+    nodes:   (B, 1, N, 2) output positions (frame px) to invert at
+    -> (B, 1, N, 2) source positions x. Where the map folds and no step converges, the iterate with
+    the smallest residual. At zero displacement every step is exactly zero.
     """
-    field = _with_gradient(forward)
-    scale = 1.0 / step
+    field = _with_gradient(forward, step)
     x = nodes
-    best, best_err = nodes, torch.full_like(nodes[..., :1], float("inf"))
-    for _ in range(iters):
-        s = _sample(field, x, origin, extent).permute(0, 2, 3, 1)  # (1, H, W, 6)
+    best, best_err = nodes, torch.full_like(nodes[..., :1], 3.0e38)
+    for i in range(NEWTON_ITERS + 1):
+        s = F.grid_sample(field, (x - origin + 0.5) * inv_extent - 1.0, mode="bilinear",
+                          padding_mode="border", align_corners=False).permute(0, 2, 3, 1)
         r = x + s[..., 0:2] - nodes
-        err = r.square().sum(-1, keepdim=True)
+        err = r.abs().sum(-1, keepdim=True)  # L1: no squares, so no subnormal floats (slow on CPUs)
         better = err < best_err
         best = torch.where(better, x, best)
         best_err = torch.where(better, err, best_err)
-        a = 1.0 + s[..., 2:3] * scale  # J = I + grad d, rows (a b; c e)
-        b = s[..., 3:4] * scale
-        c = s[..., 4:5] * scale
-        e = 1.0 + s[..., 5:6] * scale
+        if i == NEWTON_ITERS:
+            break
+        a = 1.0 + s[..., 2:3]  # J = I + grad d = (a b; c e)
+        b = s[..., 3:4]
+        c = s[..., 4:5]
+        e = 1.0 + s[..., 5:6]
         det = a * e - b * c
-        det = torch.where(det.abs() < 0.05, torch.full_like(det, 0.05), det)  # folded: damp
+        det = torch.where(det.abs() < 0.05, torch.full_like(det, 0.05), det)  # folded: damp the step
         dx = (e * r[..., 0:1] - b * r[..., 1:2]) / det
         dy = (a * r[..., 1:2] - c * r[..., 0:1]) / det
         delta = torch.cat([dx, dy], dim=-1)
-        length = delta.square().sum(-1, keepdim=True).sqrt()
-        delta = delta * (NEWTON_MAX_STEP_PX / length.clamp(min=NEWTON_MAX_STEP_PX))
-        x = x - delta
-    s = _sample(field[:, 0:2], x, origin, extent).permute(0, 2, 3, 1)
-    err = (x + s - nodes).square().sum(-1, keepdim=True)
-    return torch.where(err < best_err, x, best)
+        limit = NEWTON_MAX_STEP_PX / delta.abs().amax(-1, keepdim=True).clamp(min=NEWTON_MAX_STEP_PX)
+        x = x - delta * limit
+    return best
 
 
-def _affine_backward(source: Tensor, moved: Tensor, pixels: Tensor) -> Tensor:
-    """The affine map that takes 3 moved points back to their sources, applied to pixels.
-
-    source, moved: (3, 2) px; pixels (1, H, W, 2) -> (1, H, W, 2). Explicit 2x2 inverse."""
-    s = (source[1:] - source[0]).T  # (2, 2) columns are edge vectors
+def _affine_backward(source: Tensor, moved: Tensor, points: Tensor) -> Tensor:
+    """The affine map taking 3 moved points back to their sources, applied to points (..., 2).
+    source, moved: (3, 2) px. Explicit 2x2 inverse (exports everywhere)."""
+    s = (source[1:] - source[0]).T  # (2, 2), columns are edge vectors
     o = (moved[1:] - moved[0]).T
     det = o[0, 0] * o[1, 1] - o[0, 1] * o[1, 0]
     o_inv = torch.stack([o[1, 1], -o[0, 1], -o[1, 0], o[0, 0]]).view(2, 2) / det
-    b = s @ o_inv
-    return source[0] + (pixels - moved[0]) @ b.T
+    return source[0] + (points - moved[0]) @ (s @ o_inv).T
 
 
-def _grid_nodes(w: int, h: int, step: int) -> Tensor:
-    """(1, h // step, w // step, 2) pixel positions (x, y) of coarse nodes over a w x h image."""
+def _nodes(w: int, h: int, step: int) -> Tensor:
+    """(h // step, w // step, 2) pixel positions (x, y) of nodes every `step` px over w x h,
+    each node at the centre of its step x step cell."""
     kx = torch.arange(w // step, dtype=torch.float32) * step + (step - 1) / 2.0
     ky = torch.arange(h // step, dtype=torch.float32) * step + (step - 1) / 2.0
     yy, xx = torch.meshgrid(ky, kx, indexing="ij")
-    return torch.stack([xx, yy], dim=-1)[None]
+    return torch.stack([xx, yy], dim=-1)
 
 
-def _upsample(coarse: Tensor, w: int, h: int) -> Tensor:
-    """(1, H, W, 2) coarse node shifts -> (1, h, w, 2) per pixel, bilinear between nodes (held
-    constant past the outermost nodes, so interpolate shifts, never absolute positions)."""
-    dense = F.interpolate(coarse.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False)
-    return dense.permute(0, 2, 3, 1)
+def _pixel_grid(w: int, h: int) -> Tensor:
+    """(1, h, w, 2) grid_sample coordinates of the pixel centres of a w x h image."""
+    n = _nodes(w, h, 1)
+    return torch.stack([(2.0 * n[..., 0] + 1.0) / w - 1.0, (2.0 * n[..., 1] + 1.0) / h - 1.0], dim=-1)[None]
 
 
-def _edge_weight(w: int, h: int, step: int, margin: float) -> Tensor:
-    """(1, h // step, w // step, 1): 0 at the border of a w x h window, 1 from `margin` px in."""
-    n = _grid_nodes(w, h, step)[0]
-    d = torch.minimum(torch.minimum(n[..., 0], w - 1 - n[..., 0]), torch.minimum(n[..., 1], h - 1 - n[..., 1]))
-    t = (d / margin).clamp(0.0, 1.0)
-    return (t * t * (3.0 - 2.0 * t))[None, ..., None]
+def _upsample(coarse: Tensor, pixel_grid: Tensor) -> Tensor:
+    """(B, gh, gw, C) values on nodes (cell centres) -> (B, h, w, C) per pixel: bilinear between
+    nodes, held constant past the outermost ones (so upsample shifts, never absolute positions).
+    grid_sample at the pixel centres is this very interpolation, and on CPUs several times faster
+    than F.interpolate for few channels."""
+    x = coarse.permute(0, 3, 1, 2)
+    grid = pixel_grid.expand(x.shape[0], -1, -1, -1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False).permute(0, 2, 3, 1)
+
+
+def _smoothstep(t: Tensor) -> Tensor:
+    t = t.clamp(0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _window_origin(anchor: Tensor, at: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """Top-left pixel of a window that puts `anchor` at `at`, kept inside [low, high]. (2,)"""
+    return torch.round(torch.minimum(torch.maximum(anchor - at, low), high))
 
 
 class FaceDecoder(nn.Module):
@@ -253,82 +273,169 @@ class FaceDecoder(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("window_nodes", _grid_nodes(WIN, WIN, STEP), persistent=False)
-        self.register_buffer("window_pixels", _grid_nodes(WIN, WIN, 1), persistent=False)
-        self.register_buffer("mouth_nodes", _grid_nodes(MOUTH_W, MOUTH_H, STEP), persistent=False)
-        self.register_buffer("mouth_pixels", _grid_nodes(MOUTH_W, MOUTH_H, 1), persistent=False)
-        self.register_buffer("mouth_edge", _edge_weight(MOUTH_W, MOUTH_H, STEP, 20.0), persistent=False)
-        iy, ix = torch.meshgrid(torch.arange(MOUTH_H), torch.arange(MOUTH_W), indexing="ij")
-        self.register_buffer("mouth_index", (iy * WIN + ix).reshape(1, -1), persistent=False)
+        buf = lambda name, t: self.register_buffer(name, t, persistent=False)  # noqa: E731
+        wn, mn, en = _nodes(WIN, WIN, STEP), _nodes(MOUTH_W, MOUTH_H, STEP), _nodes(EYES_W, EYES_H, STEP)
+        self.n_win, self.n_mouth = wn.shape[0] * wn.shape[1], mn.shape[0] * mn.shape[1]
+        self.mouth_grid, self.eyes_grid = mn.shape[:2], en.shape[:2]
+        buf("window_nodes", wn.reshape(1, 1, -1, 2))
+        buf("mouth_nodes", mn.reshape(1, 1, -1, 2))
+        buf("eyes_nodes", en.reshape(1, 1, -1, 2))
+        buf("mouth_pixels", _nodes(MOUTH_W, MOUTH_H, 1)[None])
+        buf("window_pixel_grid", _pixel_grid(WIN, WIN))
+        buf("mouth_pixel_grid", _pixel_grid(MOUTH_W, MOUTH_H))
+        buf("eyes_pixel_grid", _pixel_grid(EYES_W, EYES_H))
+        buf("eyes_pixels", _nodes(EYES_W, EYES_H, 1)[None])
+        # lip maps fade into the main map over the mouth window's outer 20 px
+        d = torch.minimum(torch.minimum(mn[..., 0], MOUTH_W - 1 - mn[..., 0]),
+                          torch.minimum(mn[..., 1], MOUTH_H - 1 - mn[..., 1]))
+        buf("mouth_edge", _smoothstep(d / 20.0).reshape(1, 1, -1, 1))
+        for name, (w, h) in (("mouth", (MOUTH_W, MOUTH_H)), ("eyes", (EYES_W, EYES_H))):
+            iy, ix = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            buf(f"{name}_index", (iy * WIN + ix).reshape(1, -1).expand(3, -1).contiguous())
+        buf("inv_win", torch.tensor([2.0 / WIN, 2.0 / WIN]))
+        buf("inv_mouth_src", torch.tensor([2.0 / MOUTH_SRC_W, 2.0 / MOUTH_SRC_H]))
+        buf("inv_eyes_src", torch.tensor([2.0 / EYES_SRC_W, 2.0 / EYES_SRC_H]))
+        buf("inv_frame", torch.tensor([2.0 / FRAME_SIZE, 2.0 / FRAME_SIZE]))
+        buf("mouth_at", torch.tensor([MOUTH_ANCHOR_AT[0] * MOUTH_W, MOUTH_ANCHOR_AT[1] * MOUTH_H]))
+        buf("mouth_room", torch.tensor([float(WIN - MOUTH_W), float(WIN - MOUTH_H)]))
+        buf("eyes_at", torch.tensor([0.5 * EYES_W, 0.5 * EYES_H]))
+        buf("eyes_room", torch.tensor([float(WIN - EYES_W), float(WIN - EYES_H)]))
 
     def forward(self, motion: Tensor, photo_rgbm: Tensor, photo_u8: Tensor, window_background: Tensor,
-                frame_source: Tensor, window_origin: Tensor, ctrl_xyz: Tensor, ctrl_basis: Tensor,
-                ctrl_jaw: Tensor, anchor_xyz: Tensor, anchor_jaw: Tensor,
+                frame_source: Tensor, window_origin: Tensor, window_grid: Tensor, ctrl_xyz: Tensor,
+                ctrl_basis: Tensor, ctrl_jaw: Tensor, anchor_xyz: Tensor, anchor_jaw: Tensor,
                 jaw_hinge: Tensor, head_pivot: Tensor, face_width: Tensor, main_operator: Tensor,
-                mouth_operator: Tensor, mouth_src_origin: Tensor, mouth_lip_upper: Tensor,
-                mouth_lip_lower: Tensor, mouth_teeth_upper: Tensor, mouth_teeth_lower: Tensor,
-                mouth_blend: Tensor, cavity_rgb: Tensor) -> Tensor:
+                mouth_operator: Tensor, mouth_src_origin: Tensor, mouth_layers: Tensor, mouth_blend: Tensor,
+                cavity_rgb: Tensor, eye_frame: Tensor, eye_lids: Tensor, eye_src_origin: Tensor,
+                eye_layers: Tensor) -> Tensor:
         pose = (jaw_hinge, head_pivot, face_width)
-        displacement = move_points(motion, ctrl_xyz, ctrl_basis, ctrl_jaw, *pose)[:, :2]
+        displacement = move_points(motion, ctrl_xyz, ctrl_basis, ctrl_jaw, *pose)[:, :2]  # (K, 2)
         anchors = anchor_xyz[:, :2] + move_points(motion, anchor_xyz, None, anchor_jaw, *pose)[:, :2]
+        mouth_origin = _window_origin(anchors[0], self.mouth_at, window_origin, window_origin + self.mouth_room)
+        eyes_origin = _window_origin(anchors[7], self.eyes_at, window_origin, window_origin + self.eyes_room)
 
-        # -- head window: main forward field on the coarse grid -> backward map -> dense sampling
+        # -- the main map at every coarse node of every window, in one inversion
         main_forward = (main_operator @ displacement).T.reshape(1, 2, GRID, GRID)
-        main_map = lambda nodes: invert_field(main_forward, nodes, window_origin, (WIN, WIN), STEP)  # noqa: E731
-        nodes = self.window_nodes + window_origin
-        shift = _upsample(main_map(nodes) - nodes, WIN, WIN)  # (1, WIN, WIN, 2) backward shift, px
-        sampled = _sample(photo_rgbm, self.window_pixels + window_origin + shift, torch.zeros(2),
-                          (FRAME_SIZE, FRAME_SIZE))  # (1, 4, WIN, WIN)
-        rgb, person = sampled[:, :3], sampled[:, 3:]
-        # where the map has moved, the person's own mask decides between person and background;
-        # where it has not (all of it at neutral), the photo shows as is, exactly
-        moved = (shift.square().sum(-1, keepdim=True).sqrt() / ALPHA_RAMP_PX).clamp(max=1.0)
-        alpha = 1.0 - (1.0 - person) * moved.permute(0, 3, 1, 2)
-        window = torch.lerp(window_background, rgb, alpha).reshape(3, N_WIN)
+        nodes = torch.cat([self.window_nodes + window_origin, self.mouth_nodes + mouth_origin,
+                           self.eyes_nodes + eyes_origin], dim=2)  # (1, 1, N, 2) frame px
+        main_shift = invert_field(main_forward, nodes, window_origin, self.inv_win, STEP) - nodes
+        win_shift, mouth_shift, eyes_shift = torch.split(
+            main_shift, [self.n_win, self.n_mouth, main_shift.shape[2] - self.n_win - self.n_mouth], dim=2)
 
-        # -- mouth window: layers cut along the inner lip line, placed where the mouth now is
-        low = window_origin
-        high = window_origin + torch.tensor([float(WIN - MOUTH_W), float(WIN - MOUTH_H)])
-        at = torch.tensor([MOUTH_ANCHOR_AT[0] * MOUTH_W, MOUTH_ANCHOR_AT[1] * MOUTH_H])
-        mouth_origin = torch.round(torch.minimum(torch.maximum(anchors[0] - at, low), high))
-        mouth = self._mouth(displacement, anchor_xyz[:, :2], anchors, mouth_origin, main_map, mouth_operator, mouth_src_origin,
-                            mouth_lip_upper, mouth_lip_lower, mouth_teeth_upper, mouth_teeth_lower,
-                            mouth_blend, cavity_rgb)  # (1, 3, MOUTH_H, MOUTH_W)
-        offset = (mouth_origin - window_origin).to(torch.int64)
-        index = (self.mouth_index + offset[1] * WIN + offset[0]).expand(3, -1)
-        window = window.scatter(1, index, mouth.reshape(3, -1))
+        # -- head window: the person through the main map, over the still background
+        moved = (win_shift.abs().sum(-1, keepdim=True) * (1.0 / ALPHA_RAMP_PX)).clamp(max=1.0)
+        coarse = torch.cat([win_shift * self.inv_frame, moved], dim=-1).view(1, GRID, GRID, 3)
+        dense = _upsample(coarse, self.window_pixel_grid)  # (1, WIN, WIN, 3)
+        sampled = F.grid_sample(photo_rgbm, window_grid + dense[..., 0:2], mode="bilinear",
+                                padding_mode="border", align_corners=False)  # (1, 4, WIN, WIN)
+        # where the map has moved, the person's mask decides between person and background; where
+        # it has not (all of it at neutral) the photo shows as it is
+        alpha = 1.0 - (1.0 - sampled[:, 3:4]) * dense[..., 2:3].permute(0, 3, 1, 2)
+        window = torch.lerp(window_background, sampled[:, 0:3], alpha).view(3, N_WIN)
 
-        window_u8 = (window + 0.5).clamp(0.0, 255.0).to(torch.uint8).T  # (N_WIN, 3)
+        mouth = self._mouth(displacement, anchor_xyz[:, :2], anchors, mouth_origin, mouth_shift, mouth_operator,
+                            mouth_src_origin, mouth_layers, mouth_blend, cavity_rgb)
+        eyes = self._eyes(motion, eyes_origin, eyes_shift, photo_rgbm, eye_frame, eye_lids, eye_src_origin,
+                          eye_layers)
+        for image, origin, index in ((mouth, mouth_origin, self.mouth_index), (eyes, eyes_origin, self.eyes_index)):
+            offset = (origin - window_origin).to(torch.int64)
+            window.scatter_(1, index + (offset[1] * WIN + offset[0]), image.reshape(3, -1))
+
+        # every layer is a convex blend of 0..255 values, so rounding needs no clamp
+        window_u8 = window.T.round().to(torch.uint8)  # (N_WIN, 3)
         frame = torch.cat([photo_u8, window_u8], dim=0).index_select(0, frame_source)
         return frame.view(1, FRAME_SIZE, FRAME_SIZE, 3)
 
-    def _mouth(self, displacement: Tensor, anchor_src: Tensor, anchors: Tensor, origin: Tensor, main_map, operator: Tensor,
-               src_origin: Tensor, lip_upper: Tensor, lip_lower: Tensor, teeth_upper: Tensor,
-               teeth_lower: Tensor, blend: Tensor, cavity_rgb: Tensor) -> Tensor:
-        """The mouth window (1, 3, MOUTH_H, MOUTH_W), back to front: cavity, lower teeth and
-        tongue (with the mandible), upper teeth (with the skull), lower lip, upper lip."""
-        src_extent = (MOUTH_SRC_W, MOUTH_SRC_H)
-        nodes = self.mouth_nodes + origin
+    def _mouth(self, displacement: Tensor, anchor_src: Tensor, anchors: Tensor, origin: Tensor,
+               main_shift: Tensor, operator: Tensor, src_origin: Tensor, layers: Tensor, blend: Tensor,
+               cavity_rgb: Tensor) -> Tensor:
+        """The mouth window (1, 3, MOUTH_H, MOUTH_W)."""
+        nodes = self.mouth_nodes + origin  # (1, 1, n, 2) frame px
+        main = nodes + main_shift
         forward = (operator @ displacement).permute(0, 2, 1).reshape(2, 2, _MGH, _MGW)
-        main = main_map(nodes)
-        upper = invert_field(forward[0:1], nodes, src_origin, src_extent, MOUTH_SRC_STEP)
-        lower = invert_field(forward[1:2], nodes, src_origin, src_extent, MOUTH_SRC_STEP)
-        # the two lip maps differ only between the corners and fade into the main map at the edges
-        beta = _sample(blend, main, src_origin, src_extent).permute(0, 2, 3, 1) * self.mouth_edge
-        pixels = self.mouth_pixels + origin
-        upper = pixels + _upsample(main + beta * (upper - main) - nodes, MOUTH_W, MOUTH_H)
-        lower = pixels + _upsample(main + beta * (lower - main) - nodes, MOUTH_W, MOUTH_H)
-        # teeth are rigid: the upper set rides the skull, the lower set the mandible
-        skull = _affine_backward(anchor_src[1:4], anchors[1:4], pixels)
-        mandible = _affine_backward(anchor_src[4:7], anchors[4:7], pixels)
-        lu = _sample(lip_upper, upper, src_origin, src_extent)
-        ll = _sample(lip_lower, lower, src_origin, src_extent)
-        tu = _sample(teeth_upper, skull, src_origin, src_extent)
-        tl = _sample(teeth_lower, mandible, src_origin, src_extent)
-        out = cavity_rgb.view(1, 3, 1, 1) * tu[:, 4:5]
-        out = tl[:, :3] + (1.0 - tl[:, 3:4]) * out  # premultiplied "over"
-        out = tu[:, :3] + (1.0 - tu[:, 3:4]) * out
+        lips = invert_field(forward, nodes.expand(2, -1, -1, -1), src_origin, self.inv_mouth_src, MOUTH_SRC_STEP)
+        # the lip maps differ only between the corners and fade into the main map at the edges
+        beta = F.grid_sample(blend, (main - src_origin + 0.5) * self.inv_mouth_src - 1.0, mode="bilinear",
+                             padding_mode="border", align_corners=False).permute(0, 2, 3, 1) * self.mouth_edge
+        lips = main + beta * (lips - main)  # (2, 1, n, 2)
+        # teeth are rigid: the upper set rides the skull, the lower set the mandible (affine maps
+        # are exact under bilinear upsampling, so they too are taken at the nodes)
+        teeth = torch.stack([_affine_backward(anchor_src[1:4], anchors[1:4], nodes[0]),
+                             _affine_backward(anchor_src[4:7], anchors[4:7], nodes[0])])
+        shift = (torch.cat([lips, teeth], dim=0) - nodes) * self.inv_mouth_src  # (4, 1, n, 2)
+        gh, gw = self.mouth_grid
+        grid = _upsample(shift.view(MOUTH_LAYERS, gh, gw, 2), self.mouth_pixel_grid) \
+            + ((self.mouth_pixels + origin - src_origin + 0.5) * self.inv_mouth_src - 1.0)
+        s = F.grid_sample(layers, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        lip_up, lip_low, teeth_up, teeth_low = s[0:1], s[1:2], s[2:3], s[3:4]  # (1, 5, H, W) each
+        out = cavity_rgb.view(1, 3, 1, 1) * teeth_up[:, 4:5]
+        out = teeth_low[:, :3] + (1.0 - teeth_low[:, 3:4]) * out  # premultiplied "over"
+        out = teeth_up[:, :3] + (1.0 - teeth_up[:, 3:4]) * out
         # each lip is opaque on its side of the cut and fades over LIP_FEATHER_PX into the mouth
-        out = torch.lerp(out, ll[:, :3], (1.0 + ll[:, 3:4] / LIP_FEATHER_PX).clamp(0.0, 1.0))
-        out = torch.lerp(out, lu[:, :3], (1.0 + lu[:, 3:4] / LIP_FEATHER_PX).clamp(0.0, 1.0))
-        return out
+        out = torch.lerp(out, lip_low[:, :3], (1.0 + lip_low[:, 3:4] * (1.0 / LIP_FEATHER_PX)).clamp(0.0, 1.0))
+        return torch.lerp(out, lip_up[:, :3], (1.0 + lip_up[:, 3:4] * (1.0 / LIP_FEATHER_PX)).clamp(0.0, 1.0))
+
+    def _eyes(self, motion: Tensor, origin: Tensor, main_shift: Tensor, photo_rgbm: Tensor, eye_frame: Tensor,
+              eye_lids: Tensor, src_origin: Tensor, layers: Tensor) -> Tensor:
+        """The eye window (1, 3, EYES_H, EYES_W). Works in the photo's coordinates (through the main
+        map), per eye along its own axis: the lid skin is stretched over the eyeball as the lids
+        close; where the opening remains, the eyeball (sclera + moved iris) shows."""
+        gh, gw = self.eyes_grid
+        s = self.eyes_pixels + origin + _upsample(main_shift.view(1, gh, gw, 2), self.eyes_pixel_grid)  # photo px
+        m = motion[0]
+        blink_r, blink_l, smile_r, smile_l, squint, wide, gaze_yaw, gaze_pitch = (m[i] for i in _EYE_CHANNELS)
+        blink = torch.stack([blink_r, blink_l]).clamp(0.0, 1.0).view(2, 1, 1)
+        # a smile's cheeks push the lower lids up a little, like a light squint
+        raise_low = (squint + 0.35 * torch.stack([smile_r, smile_l])).clamp(0.0, 1.2).view(2, 1, 1)
+
+        f = eye_frame.view(2, 1, 1, 10)
+        axis = f[..., 2:4]
+        normal = torch.cat([-axis[..., 1:2], axis[..., 0:1]], dim=-1)  # down the face
+        half, crease_up, crease_low, iris_r, band_up, band_low = (f[..., i] for i in range(4, 10))
+        q = s - f[..., 0:2]  # (2, H, W, 2)
+        u = (q * axis).sum(-1)
+        v = (q * normal).sum(-1)
+        sigma = (u / half).clamp(-1.0, 1.0)
+        c = eye_lids.view(2, 2, 1, 1, 5)
+        lids = (((c[..., 4] * sigma + c[..., 3]) * sigma + c[..., 2]) * sigma + c[..., 1]) * sigma + c[..., 0]
+        upper0, lower0 = lids[:, 0], lids[:, 1]  # (2, H, W) the photo's lid margins
+        height = (lower0 - upper0).clamp(min=0.0)
+        bump = 1.0 - sigma * sigma
+        # the iris travels on the eyeball; the upper lid follows it down (and up a little)
+        radius = EYEBALL_RADIUS_IRIS * iris_r
+        gaze_u = radius * torch.sin(gaze_yaw * _DEG)
+        gaze_v = radius * torch.sin(gaze_pitch * _DEG)
+        closure = upper0 + BLINK_CLOSURE * height
+        upper = upper0 + blink * (closure - upper0) + 0.12 * squint * height \
+            - 0.28 * wide.clamp(0.0, 1.0) * height.amax(dim=(1, 2), keepdim=True) * bump + 0.5 * gaze_v * bump
+        lower = lower0 - blink * (lower0 - closure) - 0.3 * raise_low * height
+        # lid skin between the crease and the margin is stretched (or squeezed) to the new margin;
+        # the margin band (lashes, the lid's shadow) moves with it. Each term is an exact zero
+        # while the lids have not moved.
+        top = upper0 - crease_up
+        bottom = lower0 + crease_low
+        up_ratio = (upper0 - top) / (upper - top).clamp(min=1e-3)
+        low_ratio = (bottom - lower0) / (bottom - lower).clamp(min=1e-3)
+        zero = torch.zeros_like(v)
+        shift = torch.where(v < top, zero,
+                torch.where(v < upper, (v - top) * (up_ratio - 1.0),
+                torch.where(v < upper + band_up, upper0 - upper,
+                torch.where(v <= lower - band_low, zero,
+                torch.where(v <= lower, lower0 - lower,
+                torch.where(v <= bottom, (bottom - v) * (1.0 - low_ratio), zero))))))
+        inside = (u.abs() < half).to(v.dtype)
+        skin_at = s + ((shift * inside).unsqueeze(-1) * normal).sum(0, keepdim=True)
+        # the opening: opaque inside, fading over LID_FEATHER_PX at each lid band (inside it)
+        opening = ((v - upper - band_up) * (1.0 / LID_FEATHER_PX)).clamp(0.0, 1.0) \
+            * ((lower - band_low - v) * (1.0 / LID_FEATHER_PX)).clamp(0.0, 1.0)
+        opening = (opening * inside).sum(0)[None, None]  # the eyes never overlap: (1, 1, H, W)
+
+        gaze = (gaze_u[..., None] * axis + gaze_v[..., None] * normal).mean(0)  # both eyes turn alike
+        at = torch.cat([s, s - gaze], dim=0)  # eyeball at s, iris where the gaze moved it from
+        ball_iris = F.grid_sample(layers, (at - src_origin + 0.5) * self.inv_eyes_src - 1.0, mode="bilinear",
+                                  padding_mode="border", align_corners=False)  # (2, 4, H, W)
+        skin = F.grid_sample(photo_rgbm, (skin_at + 0.5) * self.inv_frame - 1.0, mode="bilinear",
+                             padding_mode="border", align_corners=False)[:, 0:3]
+        iris = ball_iris[1:2]
+        eyeball = torch.lerp(ball_iris[0:1, 0:3], iris[:, 0:3], iris[:, 3:4])
+        return torch.lerp(skin, eyeball, opening)
