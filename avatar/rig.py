@@ -142,9 +142,10 @@ NOSE = (1, 2, 4, 5, 6, 19, 94, 98, 327, 129, 358, 168, 197, 195)
 IRIS = tuple(range(468, 478))
 MOUTH_CORNERS = (61, 291, 78, 308)
 N_RING = 20  # hair/skull silhouette points
-RING_DEPTH_FW = 0.1  # silhouette depth behind the ear landmarks, face widths
+RING_DEPTH_FW = 0.0  # silhouette depth behind the ear landmarks, face widths
 PIVOT_FW = (0.0, 0.3, 0.3)  # neck pivot from the ear midpoint: down, back (face widths)
 HINGE_FW = (0.05, 0.4)  # jaw hinge from the ear midpoint: down, back (face widths)
+DEEP_POINT_FW = 0.25  # mesh points this far behind the mouth are left out of the warp (they fold)
 CTRL_MIN_GAP_FW = 0.015  # control points closer than this are merged (TPS conditioning)
 TPS_REGULARISATION = 1e-5
 
@@ -386,8 +387,8 @@ def _still_region(person: np.ndarray, lm: np.ndarray, frame: FaceFrame, x0: int,
     below_neck = (ys - chin[1]) * frame.ey[1] + (xs - chin[0]) * frame.ey[0] > 0.3 * frame.fw
     jaw_x = lm[list(JAWLINE), 0]
     beside_neck = (xs < jaw_x.min() - 0.1 * frame.fw) | (xs > jaw_x.max() + 0.1 * frame.fw)
-    below_ears = ys > max(lm[234, 1], lm[454, 1]) + 0.25 * frame.fw
-    body = (person > 0.5) & (below_neck | (beside_neck & below_ears))
+    below_chin = ys > chin[1]  # above it, beside the face, is hair that turns with the head
+    body = (person > 0.5) & (below_neck | (beside_neck & below_chin))
     band = 6
     inside = (ys >= y0 + band) & (ys < y0 + win - band) & (xs >= x0 + band) & (xs < x0 + win - band)
     return body | (~inside & (person > 0.05))
@@ -794,6 +795,10 @@ def build_rig(portrait) -> Rig:
     n_used = k_face + n_ring + n_fixed
     tps_mask = np.zeros(fd.N_CTRL, bool)
     tps_mask[:k_face] = in_tps
+    # mesh points far back toward the silhouette (the jaw's and temples' outline) are overtaken by
+    # the cheek in front of them when the head turns: leave them out, or the warp folds there
+    deep = lm[chosen, 2] > (lm[13, 2] + lm[14, 2]) / 2 + DEEP_POINT_FW * fw
+    tps_mask[:k_face] &= ~deep
     tps_mask[k_face:n_used] = True
     # a head-following flag: ring moves with the head, fixed anchors never move
     follows = np.zeros(fd.N_CTRL, bool)
@@ -843,9 +848,14 @@ def build_rig(portrait) -> Rig:
     # -- anchors: mouth centre (places the mouth window), skull and mandible triangles (carry the
     # teeth rigidly), between the eyes
     mc = (lm[13] + lm[14]) / 2
-    up3 = np.r_[mc[:2] - 0.12 * fw * frame.ey, lm[0, 2]]
+    # the teeth ride big triangles on a frontal plane through the front teeth (a little behind the
+    # lips): small or slanted triangles would turn head pitch into a squash of the teeth
+    z_teeth = lm[13, 2] + 0.03 * fw
+    left, right = np.r_[lm[78, :2], z_teeth], np.r_[lm[308, :2], z_teeth]
+    above = np.r_[mc[:2] - 0.3 * fw * frame.ey, z_teeth]
+    below = np.r_[mc[:2] + 0.3 * fw * frame.ey, z_teeth]
     eyes_mid = lm[[33, 133, 263, 362]].mean(0)
-    anchor_xyz = np.stack([mc, lm[78], lm[308], up3, lm[78], lm[308], lm[17], eyes_mid])
+    anchor_xyz = np.stack([mc, left, right, above, left, right, below, eyes_mid])
     anchor_jaw = np.array([0.5, 0, 0, 0, 1, 1, 1, 0], dtype=np.float64)
     assert len(anchor_xyz) == fd.N_ANCHORS
 

@@ -337,9 +337,15 @@ class FaceDecoder(nn.Module):
                             mouth_src_origin, mouth_layers, mouth_blend, cavity_rgb)
         eyes = self._eyes(motion, eyes_origin, eyes_shift, photo_rgbm, eye_frame, eye_lids, eye_src_origin,
                           eye_layers)
-        for image, origin, index in ((mouth, mouth_origin, self.mouth_index), (eyes, eyes_origin, self.eyes_index)):
+        # each sub-window blends into the head window by its own weight (1 where its layers differ
+        # from the main map's rendering), so the person/background compositing and everything
+        # else stay the head window's
+        for (image, weight), origin, index in ((mouth, mouth_origin, self.mouth_index),
+                                               (eyes, eyes_origin, self.eyes_index)):
             offset = (origin - window_origin).to(torch.int64)
-            window.scatter_(1, index + (offset[1] * WIN + offset[0]), image.reshape(3, -1))
+            index = index + (offset[1] * WIN + offset[0])
+            under = window.gather(1, index)
+            window.scatter_(1, index, torch.lerp(under, image.reshape(3, -1), weight.reshape(1, -1)))
 
         # every layer is a convex blend of 0..255 values, so rounding needs no clamp
         window_u8 = window.T.round().to(torch.uint8)  # (N_WIN, 3)
@@ -349,7 +355,7 @@ class FaceDecoder(nn.Module):
     def _mouth(self, displacement: Tensor, anchor_src: Tensor, anchors: Tensor, origin: Tensor,
                main_shift: Tensor, operator: Tensor, src_origin: Tensor, layers: Tensor, blend: Tensor,
                cavity_rgb: Tensor) -> Tensor:
-        """The mouth window (1, 3, MOUTH_H, MOUTH_W)."""
+        """The mouth window (1, 3, MOUTH_H, MOUTH_W) and its blend weight (1, 1, MOUTH_H, MOUTH_W)."""
         nodes = self.mouth_nodes + origin  # (1, 1, n, 2) frame px
         main = nodes + main_shift
         forward = (operator @ displacement).permute(0, 2, 1).reshape(2, 2, _MGH, _MGW)
@@ -358,12 +364,13 @@ class FaceDecoder(nn.Module):
         beta = F.grid_sample(blend, (main - src_origin + 0.5) * self.inv_mouth_src - 1.0, mode="bilinear",
                              padding_mode="border", align_corners=False).permute(0, 2, 3, 1) * self.mouth_edge
         lips = main + beta * (lips - main)  # (2, 1, n, 2)
+        gh, gw = self.mouth_grid
+        weight = _upsample(beta.view(1, gh, gw, 1), self.mouth_pixel_grid).permute(0, 3, 1, 2)
         # teeth are rigid: the upper set rides the skull, the lower set the mandible (affine maps
         # are exact under bilinear upsampling, so they too are taken at the nodes)
         teeth = torch.stack([_affine_backward(anchor_src[1:4], anchors[1:4], nodes[0]),
                              _affine_backward(anchor_src[4:7], anchors[4:7], nodes[0])])
         shift = (torch.cat([lips, teeth], dim=0) - nodes) * self.inv_mouth_src  # (4, 1, n, 2)
-        gh, gw = self.mouth_grid
         grid = _upsample(shift.view(MOUTH_LAYERS, gh, gw, 2), self.mouth_pixel_grid) \
             + ((self.mouth_pixels + origin - src_origin + 0.5) * self.inv_mouth_src - 1.0)
         s = F.grid_sample(layers, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -373,11 +380,12 @@ class FaceDecoder(nn.Module):
         out = teeth_up[:, :3] + (1.0 - teeth_up[:, 3:4]) * out
         # each lip is opaque on its side of the cut and fades over LIP_FEATHER_PX into the mouth
         out = torch.lerp(out, lip_low[:, :3], (1.0 + lip_low[:, 3:4] * (1.0 / LIP_FEATHER_PX)).clamp(0.0, 1.0))
-        return torch.lerp(out, lip_up[:, :3], (1.0 + lip_up[:, 3:4] * (1.0 / LIP_FEATHER_PX)).clamp(0.0, 1.0))
+        out = torch.lerp(out, lip_up[:, :3], (1.0 + lip_up[:, 3:4] * (1.0 / LIP_FEATHER_PX)).clamp(0.0, 1.0))
+        return out, weight
 
     def _eyes(self, motion: Tensor, origin: Tensor, main_shift: Tensor, photo_rgbm: Tensor, eye_frame: Tensor,
               eye_lids: Tensor, src_origin: Tensor, layers: Tensor) -> Tensor:
-        """The eye window (1, 3, EYES_H, EYES_W). Works in the photo's coordinates (through the main
+        """The eye window (1, 3, EYES_H, EYES_W) and its blend weight (1, 1, EYES_H, EYES_W). Works in the photo's coordinates (through the main
         map), per eye along its own axis: the lid skin is stretched over the eyeball as the lids
         close; where the opening remains, the eyeball (sclera + moved iris) shows."""
         gh, gw = self.eyes_grid
@@ -396,8 +404,9 @@ class FaceDecoder(nn.Module):
         u = (q * axis).sum(-1)
         v = (q * normal).sum(-1)
         sigma = (u / half).clamp(-1.0, 1.0)
-        c = eye_lids.view(2, 2, 1, 1, 5)
-        lids = (((c[..., 4] * sigma + c[..., 3]) * sigma + c[..., 2]) * sigma + c[..., 1]) * sigma + c[..., 0]
+        c = eye_lids.view(2, 2, 1, 1, 5)  # (eye, lid, 1, 1, power)
+        t = sigma[:, None]  # (eye, 1, H, W)
+        lids = (((c[..., 4] * t + c[..., 3]) * t + c[..., 2]) * t + c[..., 1]) * t + c[..., 0]
         upper0, lower0 = lids[:, 0], lids[:, 1]  # (2, H, W) the photo's lid margins
         height = (lower0 - upper0).clamp(min=0.0)
         bump = 1.0 - sigma * sigma
@@ -438,4 +447,8 @@ class FaceDecoder(nn.Module):
                              padding_mode="border", align_corners=False)[:, 0:3]
         iris = ball_iris[1:2]
         eyeball = torch.lerp(ball_iris[0:1, 0:3], iris[:, 0:3], iris[:, 3:4])
-        return torch.lerp(skin, eyeball, opening)
+        # the window's weight: 1 over each eye's lids and opening, fading over 2 px around them
+        near = ((half + 2.0 - u.abs()) * 0.5).clamp(0.0, 1.0) * ((v - top + 2.0) * 0.5).clamp(0.0, 1.0) \
+            * ((bottom + 2.0 - v) * 0.5).clamp(0.0, 1.0)
+        weight = near.amax(0)[None, None]
+        return torch.lerp(skin, eyeball, opening), weight
