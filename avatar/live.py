@@ -68,6 +68,7 @@ PHASE_MARGIN_S = 0.002  # ticks fall this long after the latest usual frame read
 DELAY_HYSTERESIS_MS = 10.0  # the delayed mic is re-aimed when the wanted delay moves more than this
 GATE_IDLE_GAIN = 0.0  # what the encoder hears of non-speech (0: silence)
 SWITCH_INTERVAL_S = 0.0005  # GIL hand-over while live, so the pacing thread wakes on time
+RENDER_NICE = 5  # the render thread yields the CPU to the pacing thread (Linux: per-thread niceness)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class LiveStats:
     latency_p50_ms: float = math.nan
     latency_p95_ms: float = math.nan
     av_offset_ms: float = 0.0  # extra lag of the shown audio: (lookahead + 0.5) frames
+    engines: str = ""  # which back-end and device ran the engines
     records: dict | None = None
 
     def summary(self) -> str:
@@ -238,6 +240,7 @@ class LiveDaemon:
 
     def _render_loop(self) -> None:
         pipeline, stats = self.pipeline, self.stats
+        _lower_priority(RENDER_NICE)
         while not self._stop.is_set():
             try:
                 blocks = self.mic.read_blocks(max_blocks=MAX_CATCHUP_BLOCKS, timeout=0.1)
@@ -368,7 +371,7 @@ class LiveDaemon:
             if deadline >= end:
                 break
             now = time.monotonic()
-            if now < deadline:
+            while now < deadline:  # (a loop: a sleep may end early)
                 time.sleep(deadline - now)
                 now = time.monotonic()
             if now - deadline >= PERIOD_S:  # woke a whole period late: skip, do not catch up
@@ -412,6 +415,18 @@ class LiveDaemon:
                 self._status()
                 self.on_status(stats)
             self._retry_camera(handed)
+
+
+def _lower_priority(nice: int) -> None:
+    """Make the calling thread `nice` steps nicer (Linux niceness is per thread; raising it needs no
+    privilege), so a CPU-bound render never delays the pacing thread's wake-up."""
+    if nice <= 0 or not hasattr(os, "setpriority") or platform.system() != "Linux":
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        pass
 
 
 def _phase_shift(phases: np.ndarray) -> float:
@@ -493,6 +508,7 @@ def run_live(*, portrait: str | os.PathLike, controls, mic: str | int | None = N
         daemon = LiveDaemon(pipeline, microphone, camera=cam, reopen_camera=reopen if camera else None,
                             preview=view, delayed_mic=delayed, idle_frame=rig.image.numpy(), gate=gate,
                             on_status=on_status, record=int((seconds or 0) * FPS * 1.1) + FPS if record else 0)
+        daemon.stats.engines = backend.describe()
         return daemon.run(seconds=seconds)
 
 
@@ -587,7 +603,7 @@ def bench_live(*, audio: Path, seconds: float, portrait: Path | None, out: Path,
                      runtime=runtime, torch_threads=torch_threads, seconds=seconds, record=True)
     result = live_metrics(stats, seconds=seconds)
     result.update({
-        "audio": str(audio), "portrait": str(portrait), "seconds_requested": seconds,
+        "engines": stats.engines, "audio": str(audio), "portrait": str(portrait), "seconds_requested": seconds,
         "audio_model": audio_model, "motion_model": motion_model, "runtime": runtime, "device_rate_hz": device_rate,
         "torch_threads": torch_threads, "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),

@@ -39,7 +39,8 @@ MAX_CHANNELS = 2  # capture at most 2 channels: PulseAudio's "default" claims 32
 RING_SECONDS = 2.0  # native audio the ring holds before the oldest is overwritten (and counted)
 RETRY_EVERY_S = 2.0  # reopen a lost device this often
 STALL_TIMEOUT_S = 0.5  # no callback for this long on an open stream means the device is gone
-POLL_S = 0.001  # worker-side wait step while a block is not complete (the callback never signals)
+POLL_S = (0.0005, 0.002)  # worker-side wait while a block is incomplete (the callback never signals):
+# about the time the missing samples take to arrive, within these bounds
 
 # voice activity: webrtcvad on 10 ms frames, smoothed (it flags 7-9% of quiet-noise frames alone)
 VAD_MODE = 3  # measured: mode 2 holds "speech" for 1-2 s of -50 dBFS hiss after a sentence, 3 lets go in 0.2 s
@@ -680,8 +681,11 @@ class Microphone:
                     return self._take_silence(now, max_blocks)
             if now >= deadline:
                 return []
-            wake = deadline if self._connected else min(deadline, self._silence_due)
-            time.sleep(max(0.0, min(POLL_S, wake - now)))
+            if self._connected:
+                wake = min(deadline, now + (SAMPLES_PER_FRAME - self._fifo.size % SAMPLES_PER_FRAME) / SAMPLE_RATE)
+            else:
+                wake = min(deadline, self._silence_due)
+            time.sleep(min(max(wake - now, POLL_S[0]), POLL_S[1]))
 
     def _take_live(self, n: int, max_blocks: int) -> list[AudioBlock]:
         if n > max_blocks:

@@ -346,8 +346,21 @@ def test_nothing_to_show_is_an_error():
         LiveDaemon(stand_in_pipeline(), mic=None)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_the_daemon_cleanly(tmp_path, sig):
+def test_sigterm_stops_run_and_restores_the_handler():
+    world = FileAudioBackend(sawtooth(4), samplerate=SAMPLE_RATE)
+    RecordingBackend.instances.clear()
+    before = signal.getsignal(signal.SIGTERM)
+    with Microphone(backend=world) as mic:
+        daemon = LiveDaemon(stand_in_pipeline(), mic, camera=open_camera(backend="test-mark"))
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        stats = daemon.run()  # on the main thread: it handles SIGTERM itself
+    assert signal.getsignal(signal.SIGTERM) is before
+    (camera,) = RecordingBackend.instances
+    assert camera.closed and 10 <= stats.frames_sent <= 40
+
+
+def test_sigint_to_the_daemon_process_exits_0_and_releases_devices(tmp_path):
+    sig = signal.SIGINT
     out = tmp_path / "result.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, __file__, "serve", str(out)], cwd=REPO, env=env,
@@ -379,6 +392,65 @@ def test_bench_live_runs_the_real_pipeline(tmp_path, rig_cache):
     assert saved["latency_ms"]["frames"] >= 1 and saved["latency_ms"]["p50"] > 0
     for key in ("fps_delivered", "fps_new", "on_time_share", "drift_ms", "peak_rss_mib", "goals_met"):
         assert key in saved
+
+
+# ---- doctor -----------------------------------------------------------------------------------------
+
+def fake_sys(tmp_path, *, module: bool, labels: dict[int, str]) -> Path:
+    if module:
+        (tmp_path / "module" / "v4l2loopback").mkdir(parents=True)
+    for n, label in labels.items():
+        d = tmp_path / "class" / "video4linux" / f"video{n}"
+        d.mkdir(parents=True)
+        (d / "name").write_text(label + "\n")
+    return tmp_path
+
+
+def test_doctor_finds_a_working_setup(tmp_path):
+    from avatar.doctor import doctor
+
+    world = FileAudioBackend(np.zeros(10, np.float32), samplerate=SAMPLE_RATE)
+    checks = {c.name: c for c in doctor(audio_backend=world, system="Linux",
+                                        sys_root=fake_sys(tmp_path, module=True, labels={0: "cam", 7: "VASA Avatar"}))}
+    assert checks["microphone"].ok and "File Microphone" in checks["microphone"].message
+    assert checks["voice detector"].ok
+    assert checks["virtual camera"].ok and "/dev/video7" in checks["virtual camera"].message
+    assert checks["portrait cache"].ok
+    assert checks["GPU"].optional and checks["delayed mic (optional)"].optional
+
+
+def test_doctor_says_the_fix_for_each_missing_piece(tmp_path):
+    from avatar.doctor import check_camera, check_delayed_mic, check_microphone
+
+    modprobe = 'sudo modprobe v4l2loopback devices=1 card_label="VASA Avatar" exclusive_caps=1'
+    c = check_camera(sys_root=fake_sys(tmp_path / "a", module=False, labels={}), system="Linux")
+    assert not c.ok and modprobe in c.message and "not loaded" in c.message
+    c = check_camera(sys_root=fake_sys(tmp_path / "b", module=True, labels={3: "Dummy video device"}), system="Linux")
+    assert not c.ok and "modprobe -r v4l2loopback" in c.message and modprobe in c.message and "'Dummy video device'" in c.message
+    world = FileAudioBackend(np.zeros(10, np.float32), samplerate=SAMPLE_RATE)
+    world.unplug()
+    assert not check_microphone(world).ok and "no microphone found" in check_microphone(world).message
+    c = check_delayed_mic(world, system="Windows")
+    assert not c.ok and c.optional and "VB-Cable" in c.message
+    world.output_name = "CABLE Input (VB-Audio Virtual Cable)"
+    assert check_delayed_mic(world, system="Windows").ok
+    c = check_delayed_mic(world, system="Darwin")
+    assert not c.ok and "BlackHole" in c.message
+
+
+def test_print_doctor_fails_only_on_required_checks():
+    import io
+
+    from avatar.doctor import Check, print_doctor
+
+    out = io.StringIO()
+    assert print_doctor([Check("microphone", True, "mic"), Check("delayed mic (optional)", False, "fix", True)],
+                        file=out) == 0
+    assert "[  --] delayed mic (optional)  fix" in out.getvalue()
+    out = io.StringIO()
+    assert print_doctor([Check("virtual camera", False, "sudo modprobe ..."), Check("GPU", True, "cpu", True)],
+                        file=out) == 1
+    assert "[FAIL] virtual camera  sudo modprobe ..." in out.getvalue() and "1 problem(s): virtual camera" in out.getvalue()
 
 
 # ---- the daemon process for the signal tests --------------------------------------------------------
