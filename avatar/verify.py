@@ -59,21 +59,25 @@ def _video_frames(path: Path, max_frames: int) -> Iterator[np.ndarray]:
             raise AvatarError(f"{path} has no video track and is not an image")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        total = stream.frames or 0
-        if total == 0 and stream.duration is not None and stream.average_rate:
-            total = int(stream.duration * stream.time_base * stream.average_rate)
+        seconds = None
+        if stream.duration is not None and stream.time_base is not None:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            seconds = container.duration / av.time_base
+        rate = float(stream.average_rate or 0)
+        total = stream.frames or (int(seconds * rate) if seconds and rate else 0)
         try:
-            if total <= 4 * max_frames or stream.duration is None:
+            if total <= 4 * max_frames or not seconds:
                 yield from _evenly(container, stream, total, max_frames)
             else:
-                yield from _seeking(container, stream, max_frames)
+                yield from _seeking(container, stream, seconds, max_frames)
         except av.error.FFmpegError as exc:  # a damaged file: whatever decoded is still evidence
             if not isinstance(exc, av.error.EOFError):
                 raise AvatarError(f"{path}: the video cannot be decoded ({_reason(exc)})") from None
 
 
 def _evenly(container, stream, total: int, max_frames: int) -> Iterator[np.ndarray]:
-    """A short video: decode it all and keep `max_frames` evenly spaced frames."""
+    """A short video (or one of unknown length): decode it and keep `max_frames` evenly spaced frames."""
     stride = max(1, -(-total // max_frames)) if total else 1
     kept = 0
     for i, frame in enumerate(container.decode(stream)):
@@ -84,19 +88,20 @@ def _evenly(container, stream, total: int, max_frames: int) -> Iterator[np.ndarr
                 return
 
 
-def _seeking(container, stream, max_frames: int) -> Iterator[np.ndarray]:
-    """A long video: RUN consecutive frames after each of max_frames // RUN evenly spread seeks."""
+def _seeking(container, stream, seconds: float, max_frames: int) -> Iterator[np.ndarray]:
+    """A long video: RUN consecutive frames at each of max_frames // RUN evenly spread times.
+
+    A seek lands on the keyframe before the time; frames up to the time are decoded, not converted.
+    """
     seeks = max(1, max_frames // RUN)
-    seen: set[int] = set()
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     for k in range(seeks):
-        target = stream.start_time or 0
-        target += int(stream.duration * (k + 0.5) / seeks)
-        container.seek(target, stream=stream, backward=True, any_frame=False)
+        target = start + seconds * (k + 0.5) / seeks
+        container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
         taken = 0
         for frame in container.decode(stream):
-            if frame.pts in seen:  # two seeks that landed on the same keyframe
-                break
-            seen.add(frame.pts)
+            if frame.time is not None and frame.time < target - 1e-6:
+                continue
             yield frame.to_ndarray(format="rgb24")
             taken += 1
             if taken >= RUN:

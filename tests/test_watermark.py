@@ -240,6 +240,10 @@ def test_verify_file_on_a_short_mp4(tmp_path, clip):
     d = verify_file(path)
     assert d.present and d.payload == PAYLOAD
     assert d.frames == 40
+    # A file longer than 4 x max_frames is sampled by seeking: here one run of 8 frames mid-file.
+    d = verify_file(path, max_frames=8)
+    assert d.present and d.payload == PAYLOAD
+    assert d.frames == 8
 
 
 @pytest.mark.parametrize("name,content", [("broken.png", b"\x89PNG\r\n\x1a\n garbage"),
