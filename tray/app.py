@@ -2,65 +2,49 @@
 
     menu click ─► TrayController.dispatch(Action) ─► tray.menu.apply ─► new TrayState + Effects
                                                           │
-          LiveHandle (the daemon) ◄── set_controls / switch_portrait / set_paused / set_preview
+          LiveHandle (tray/daemon.py) ◄── set_controls / switch_portrait / set_paused / set_preview
           settings.json ◄── save_settings        dialogs, library, autostart ◄── the other effects
     every second: LiveHandle.status() ─► TrayState.status ─► icon dot, tooltip, menu status line
 
-- The menu is data (tray/menu.py); TrayIcon turns it into a pystray menu and rebuilds it when the
-  state changes. pystray is imported only when the icon is made, so `--print-menu` and the tests
-  of the controller need no display.
-- Switching mood, gaze or expressiveness replaces the generator's control tensor between frames
-  (Pipeline.set_controls): it takes effect on the next 25 ms tick and the generator glides there.
-- Switching portrait or framing loads the rig on a background thread (from the rig cache: tens of
-  ms; a photo not seen before: seconds of analysis) while the old portrait keeps talking, then
-  swaps it in with Pipeline.set_rig between two frames. The camera is never reopened.
-- Pause keeps the camera fed with a still of the portrait wearing the "AI · PAUSED" badge; the
-  decoder is skipped meanwhile (the motion generator keeps running so resuming is seamless).
-- Dialogs (file chooser, consent question, doctor output) run as separate processes (zenity,
-  kdialog, or a small tkinter script), so no second GUI toolkit runs inside the tray's main loop.
+The menu is data (tray/menu.py); TrayIcon turns it into a pystray menu and rebuilds it when the
+state changes. pystray is imported only when the icon is made, so `--print-menu` and the
+controller's tests need no display. Long work (dialogs, adding a portrait, doctor) runs on
+worker threads, never on the tray's main loop.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
-import math
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import replace
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from avatar import library
 from avatar.errors import AvatarError
-from avatar.settings import Settings, data_dir, load_settings, save_settings, settings_path
-from tray import autostart
+from avatar.settings import Settings, load_settings, save_settings, settings_path
+from tray import autostart, log_path
+from tray.daemon import STATUS_EVERY_S, Daemon, LiveHandle
+from tray.dialogs import UI, DesktopUI, has_display
 from tray.menu import Action, DaemonStatus, Effect, PortraitItem, TrayState, apply, build_menu, format_menu, \
     icon_status, tooltip
 
 log = logging.getLogger("tray")
 
 APP_NAME = "vasa-avatar"
-STATUS_EVERY_S = 1.0  # tooltip and status dot refresh
-MIC_RETRY_S = 3.0  # a missing microphone is looked for again this often
 DOCTOR_TIMEOUT_S = 120
-PHOTO_PATTERNS = "*.jpg *.jpeg *.png *.webp *.bmp *.tif *.tiff *.JPG *.JPEG *.PNG"
 CONSENT_QUESTION = ("Do you have the consent of the person in this photo to animate their face?\n\n"
                     "Only add photos of yourself or of people who agreed to it. The video will carry a "
                     "visible \"AI\" badge and an invisible watermark.")
-HEADLESS_ADD = "adding a portrait needs a desktop session; in a terminal use: vasa-avatar portraits add PHOTO --i-have-consent"
 
 # Status dot colours (RGB): green running, amber paused, red no microphone / error, violet no camera.
 DOT_COLOURS = {
@@ -93,41 +77,6 @@ def icon_image(status: str, *, size: int = 64) -> Image.Image:
     d.ellipse((cx - r - s * 0.04, cy - r - s * 0.04, cx + r + s * 0.04, cy + r + s * 0.04), fill=(255, 255, 255, 255))
     d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=(*DOT_COLOURS.get(status, DOT_COLOURS["error"]), 255))
     return img.resize((size, size), Image.Resampling.LANCZOS)
-
-
-# ---- what the controller needs from the daemon and from the desktop -------------------------------
-
-class Daemon(Protocol):
-    """The live daemon as the tray drives it (LiveHandle; tests use a recording fake)."""
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def set_controls(self, controls) -> None: ...
-
-    def switch_portrait(self, path: Path, *, head_distance: float,
-                        on_done: Callable[[str | None], None]) -> None: ...
-
-    def set_paused(self, paused: bool) -> None: ...
-
-    def set_preview(self, on: bool) -> None: ...
-
-    def status(self) -> DaemonStatus: ...
-
-
-class UI(Protocol):
-    """Dialogs and desktop actions (DesktopUI; tests use a scripted fake)."""
-
-    def choose_photo(self) -> Path | None: ...
-
-    def confirm(self, title: str, question: str) -> bool: ...
-
-    def show_text(self, title: str, text: str) -> None: ...
-
-    def notify(self, message: str) -> None: ...
-
-    def open_folder(self, path: Path) -> None: ...
 
 
 # ---- the controller ------------------------------------------------------------------------------
@@ -175,6 +124,9 @@ class TrayController:
             except Exception:  # a bug: keep the tray alive, say where to look
                 log.exception("tray action %s failed", effect.kind)
                 self.ui.notify(f"{effect.kind.replace('_', ' ')} failed; see the log {log_path()}")
+        if self.state.settings != before.settings:
+            log.info("settings: %s", ", ".join(f"{k}={v}" for k, v in vars(self.state.settings).items()
+                                                if getattr(before.settings, k) != v))
         if self.state != before:
             for listener in list(self.listeners):
                 listener(self.state)
@@ -312,396 +264,6 @@ def run_doctor() -> str:
 
 # ---- the live daemon, as the tray drives it --------------------------------------------------------
 
-class _TrayPipeline:
-    """The daemon's Pipeline with a pause switch: while paused, `render` returns the paused still
-    (no decoder work) and everything else passes through, so motion state keeps flowing."""
-
-    def __init__(self, pipeline, image: np.ndarray, *, paused: bool = False):
-        self._pipeline = pipeline
-        self.paused = paused
-        self.set_still(image)
-
-    def __getattr__(self, name):
-        return getattr(self._pipeline, name)
-
-    def set_still(self, image: np.ndarray) -> None:
-        """image: (512, 512, 3) uint8 RGB, the portrait at rest (the rig's image)."""
-        self.image = image
-        self._still = paused_frame(image)
-
-    def render(self, motion):
-        if self.paused:
-            return self._still.copy()  # a copy: sinks may draw on what they are given
-        return self._pipeline.render(motion)
-
-
-def paused_frame(image: np.ndarray) -> np.ndarray:
-    """The portrait at rest with the "AI · PAUSED" badge: what the camera shows while paused."""
-    from avatar.badge import Badge
-
-    frame = np.array(image, dtype=np.uint8, copy=True)
-    return Badge(paused=True, frame_size=frame.shape[0]).apply(frame)
-
-
-class _LazyPreview:
-    """A preview-window sink that opens and closes the real window on the daemon's pacing thread
-    (OpenCV windows belong to the thread that made them) as the tray switches it."""
-
-    name = "preview window"
-    closed = False  # never: LiveDaemon drops a closed preview for good, this one comes and goes
-
-    def __init__(self, want: bool, on_closed: Callable[[str | None], None]):
-        self.want = want
-        self.on_closed = on_closed
-        self._sink = None
-
-    def send(self, frame: np.ndarray) -> None:
-        try:
-            if self.want and self._sink is None:
-                from avatar.camera import PreviewSink
-
-                self._sink = PreviewSink()
-            if not self.want:
-                self.close()
-                return
-            self._sink.send(frame)
-            if self._sink.closed:  # the user closed the window
-                self._off(None)
-        except Exception as e:  # no display, a window error: turn it off and say so once
-            self._off(str(e) if isinstance(e, AvatarError) else f"preview window failed ({e})")
-
-    def _off(self, reason: str | None) -> None:
-        self.want = False
-        self.close()
-        self.on_closed(reason)
-
-    def close(self) -> None:
-        sink, self._sink = self._sink, None
-        if sink is not None:
-            sink.close()
-
-
-class LiveHandle:
-    """The live daemon (avatar.live.LiveDaemon) run on background threads with the switches the
-    tray needs: controls, portrait, pause and preview change while it runs; the camera stays open.
-
-    Start-up problems do not end it: a missing microphone is looked for again every MIC_RETRY_S, a
-    missing or busy camera is retried by the daemon every 2 s (the preview works meanwhile).
-    """
-
-    def __init__(self, *, portrait: Path, controls, mic: str | None = None, paused: bool = False,
-                 preview: bool = False, on_preview_closed: Callable[[str | None], None] = lambda reason: None,
-                 runtime: str = "auto", camera_backend: str | None = None, audio_backend=None,
-                 torch_threads: int = 1):
-        self.portrait = Path(portrait)
-        self.controls = controls
-        self.mic = mic
-        self.runtime = runtime
-        self.camera_backend = camera_backend
-        self.audio_backend = audio_backend
-        self.torch_threads = torch_threads
-        self._paused = paused
-        self._preview = _LazyPreview(preview, on_preview_closed)
-        self._pipeline: _TrayPipeline | None = None
-        self._daemon = None
-        self._state = DaemonStatus("starting")
-        self._camera_problem = ""
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._switch_wanted = threading.Condition(self._lock)
-        self._switch_request: tuple | None = None
-        self._fps_mark: tuple[float, int] | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- the Daemon interface
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._main, name="tray-live", daemon=True)
-        self._thread.start()
-        threading.Thread(target=self._switcher, name="tray-portrait", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        with self._lock:
-            daemon = self._daemon
-            self._switch_wanted.notify_all()
-        if daemon is not None:
-            daemon.stop()
-        if self._thread is not None:
-            self._thread.join(timeout=10.0)
-
-    def set_controls(self, controls) -> None:
-        from avatar.controls import controls_tensor
-
-        self.controls = controls
-        if self._pipeline is not None:
-            self._pipeline.set_controls(controls_tensor(controls))  # read once per tick: atomic swap
-
-    def switch_portrait(self, path: Path, *, head_distance: float, on_done: Callable[[str | None], None]) -> None:
-        with self._lock:  # a request not started yet is replaced: the newest choice wins
-            self._switch_request = (Path(path), head_distance, on_done)
-            self._switch_wanted.notify_all()
-
-    def set_paused(self, paused: bool) -> None:
-        self._paused = paused
-        if self._pipeline is not None:
-            self._pipeline.paused = paused
-
-    def set_preview(self, on: bool) -> None:
-        self._preview.want = on
-
-    def status(self) -> DaemonStatus:
-        return self._state
-
-    # -- threads
-    def _switcher(self) -> None:
-        """Loads requested rigs one at a time, newest request first, and swaps them in."""
-        from avatar.rig import load_rig
-
-        while not self._stopping.is_set():
-            with self._lock:
-                while self._switch_request is None or self._pipeline is None:
-                    if self._stopping.is_set():
-                        return
-                    self._switch_wanted.wait(0.5)
-                path, head_distance, on_done = self._switch_request
-                self._switch_request = None
-            try:
-                rig = load_rig(path, head_distance=head_distance)
-            except AvatarError as e:
-                on_done(str(e))
-                continue
-            except Exception as e:
-                log.exception("loading portrait %s failed", path)
-                on_done(f"analysis failed ({type(e).__name__})")
-                continue
-            self._pipeline.set_rig(rig.inputs())
-            self._pipeline.set_still(rig.image.numpy())
-            self.portrait = path
-            log.info("live: now showing %s", path.name)
-            on_done(None)
-
-    def _main(self) -> None:
-        try:
-            self._prepare()
-        except AvatarError as e:
-            self._state = DaemonStatus("error", message=str(e))
-            log.warning("live daemon not started: %s", e)
-            return
-        except Exception as e:
-            self._state = DaemonStatus("error", message=f"{type(e).__name__}; see {log_path()}")
-            log.exception("live daemon failed to start")
-            return
-        with self._lock:
-            self._switch_wanted.notify_all()
-        from avatar.live import LiveDaemon
-        from avatar.mic import Microphone
-
-        while not self._stopping.is_set():
-            try:
-                mic = Microphone(self.mic, backend=self.audio_backend)
-                mic.open()
-            except AvatarError as e:
-                self._state = DaemonStatus("no_microphone", message=str(e))
-                self._stopping.wait(MIC_RETRY_S)
-                continue
-            try:
-                daemon = LiveDaemon(self._pipeline, mic, camera=self._open_camera(), reopen_camera=self._reopen_camera,
-                                    preview=self._preview, idle_frame=self._pipeline.image,
-                                    status_every_s=STATUS_EVERY_S, on_status=self._on_status)
-                with self._lock:
-                    self._daemon = daemon
-                if not self._stopping.is_set():
-                    daemon.run(handle_signals=False)
-            except Exception:
-                log.exception("live daemon stopped by an error; restarting it")
-                self._state = DaemonStatus("error", message=f"see {log_path()}")
-                self._stopping.wait(MIC_RETRY_S)
-            finally:
-                with self._lock:
-                    self._daemon = None
-                mic.close()
-
-    def _prepare(self) -> None:
-        import torch
-
-        from engines.runtime import create_backend
-
-        from avatar.controls import controls_tensor
-        from avatar.live import warm_up
-        from avatar.pipeline import Pipeline, load_engines
-        from avatar.rig import load_rig
-
-        torch.set_num_threads(max(1, self.torch_threads))
-        rig = load_rig(self.portrait, head_distance=self.controls.head_distance)
-        engines = load_engines()
-        backend = create_backend(self.runtime, engines=engines)
-        log.info("live: engines on %s", backend.describe())
-        pipeline = Pipeline(backend.engines(engines), rig.inputs(), controls_tensor(self.controls),
-                            seed=self.controls.seed)
-        warm_up(pipeline)
-        pipeline.set_controls(controls_tensor(self.controls))  # the latest, in case they changed meanwhile
-        self._pipeline = _TrayPipeline(pipeline, rig.image.numpy(), paused=self._paused)
-
-    def _open_camera(self):
-        try:
-            return self._reopen_camera()
-        except AvatarError:
-            return None  # the daemon retries through _reopen_camera
-
-    def _reopen_camera(self):
-        from avatar.camera import open_camera
-
-        try:
-            camera = open_camera(backend=self.camera_backend)
-        except AvatarError as e:
-            self._camera_problem = str(e)
-            raise
-        self._camera_problem = ""
-        return camera
-
-    def _on_status(self, stats) -> None:
-        now = time.monotonic()
-        fps = None
-        if self._fps_mark is not None and now > self._fps_mark[0]:
-            fps = (stats.frames_new - self._fps_mark[1]) / (now - self._fps_mark[0])
-        self._fps_mark = (now, stats.frames_new)
-        latency = None if math.isnan(stats.latency_p50_ms) else stats.latency_p50_ms
-        daemon = self._daemon
-        if not stats.mic_connected:
-            state, message = "no_microphone", "microphone lost; idling and retrying"
-        elif daemon is not None and daemon.camera is None:
-            state, message = "no_camera", self._camera_problem or "virtual camera unavailable; retrying"
-        elif self._paused:
-            state, message = "paused", ""
-        else:
-            state, message = "running", ""
-        self._state = DaemonStatus(state, fps=fps, latency_ms=latency, message=message)
-
-
-# ---- dialogs and desktop actions ------------------------------------------------------------------
-
-# A tkinter dialog in its own process: argv mode ("open", "yesno", "text"), title, text.
-_TK_DIALOG = r"""
-import sys, tkinter as tk
-from tkinter import filedialog, messagebox
-mode, title, text = sys.argv[1:4]
-root = tk.Tk()
-root.withdraw()
-if mode == "open":
-    print(filedialog.askopenfilename(title=title, filetypes=[("Photos", text), ("All files", "*")]) or "")
-elif mode == "yesno":
-    print("yes" if messagebox.askyesno(title, text) else "no")
-else:
-    root.deiconify()
-    root.title(title)
-    box = tk.Text(root, width=100, height=30, wrap="word")
-    box.insert("1.0", text)
-    box.configure(state="disabled")
-    box.pack(fill="both", expand=True)
-    tk.Button(root, text="Close", command=root.destroy).pack(pady=4)
-    root.mainloop()
-"""
-
-
-def has_display() -> bool:
-    if platform.system() in ("Windows", "Darwin"):
-        return True
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-
-
-class DesktopUI:
-    """Dialogs through zenity, kdialog or tkinter (whichever exists, in that order), notifications
-    through the tray icon. Without a display every dialog is a logged notification instead."""
-
-    def __init__(self, notify: Callable[[str], None] | None = None):
-        self._notify = notify
-
-    def _tool(self) -> str | None:
-        if not has_display():
-            return None
-        for tool in ("zenity", "kdialog"):
-            if platform.system() == "Linux" and shutil.which(tool):
-                return tool
-        return "tk" if importlib.util.find_spec("tkinter") else None
-
-    def _tk(self, mode: str, title: str, text: str) -> str:
-        done = subprocess.run([sys.executable, "-c", _TK_DIALOG, mode, title, text], capture_output=True, text=True)
-        return done.stdout.strip()
-
-    def choose_photo(self) -> Path | None:
-        tool = self._tool()
-        if tool is None:
-            self.notify(HEADLESS_ADD)
-            return None
-        title = "Add a portrait photo"
-        if tool == "zenity":
-            done = subprocess.run(["zenity", "--file-selection", f"--title={title}",
-                                   f"--file-filter=Photos | {PHOTO_PATTERNS}", "--file-filter=All files | *"],
-                                  capture_output=True, text=True)
-            out = done.stdout.strip() if done.returncode == 0 else ""
-        elif tool == "kdialog":
-            done = subprocess.run(["kdialog", "--title", title, "--getopenfilename", str(Path.home()),
-                                   f"{PHOTO_PATTERNS}|Photos"], capture_output=True, text=True)
-            out = done.stdout.strip() if done.returncode == 0 else ""
-        else:
-            out = self._tk("open", title, PHOTO_PATTERNS)
-        return Path(out) if out else None
-
-    def confirm(self, title: str, question: str) -> bool:
-        tool = self._tool()
-        if tool is None:
-            self.notify(f"{title}: needs a desktop session to ask; not done")
-            return False
-        if tool == "zenity":
-            return subprocess.run(["zenity", "--question", f"--title={title}", f"--text={question}",
-                                   "--no-markup"]).returncode == 0
-        if tool == "kdialog":
-            return subprocess.run(["kdialog", "--title", title, "--yesno", question]).returncode == 0
-        return self._tk("yesno", title, question) == "yes"
-
-    def show_text(self, title: str, text: str) -> None:
-        tool = self._tool()
-        if tool is None:
-            log.warning("%s:\n%s", title, text)
-            self.notify(f"{title}: report written to the log {log_path()}")
-            return
-        if tool == "tk":
-            self._tk("text", title, text)
-            return
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-            f.write(text)
-        try:
-            if tool == "zenity":
-                subprocess.run(["zenity", "--text-info", f"--title={title}", f"--filename={f.name}",
-                                "--width=760", "--height=520"])
-            else:
-                subprocess.run(["kdialog", "--title", title, "--textbox", f.name, "760", "520"])
-        finally:
-            os.unlink(f.name)
-
-    def notify(self, message: str) -> None:
-        log.warning("%s", message)
-        if self._notify is not None:
-            try:
-                self._notify(message)
-            except Exception:  # no notification service: the log has it
-                log.debug("notification failed", exc_info=True)
-
-    def open_folder(self, path: Path) -> None:
-        system = platform.system()
-        try:
-            if system == "Windows":
-                os.startfile(path)  # noqa: S606 (Windows only)
-            elif system == "Darwin":
-                subprocess.Popen(["open", str(path)])
-            elif shutil.which("xdg-open"):
-                subprocess.Popen(["xdg-open", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            else:
-                self.notify(f"portraits folder: {path}")
-        except OSError as e:
-            self.notify(f"cannot open {path}: {e.strerror or e}; open it yourself")
-
-
 # ---- the pystray icon ----------------------------------------------------------------------------
 
 class TrayIcon:
@@ -718,8 +280,9 @@ class TrayIcon:
         self._tip = ""
         self.icon = pystray.Icon(APP_NAME, icon_image(self._dot), "VASA Avatar", menu=self._menu(self._tree))
         self._set_tooltip(tooltip(state))
+        self._quitting = False
         controller.listeners.append(self.refresh)
-        controller.on_quit.append(self.icon.stop)
+        controller.on_quit.append(self.stop)
 
     def _menu(self, tree):
         return self._pystray.Menu(*(self._item(node) for node in tree.children))
@@ -767,14 +330,21 @@ class TrayIcon:
             log.info("tray ready (%s back-end)", type(icon).__module__.rsplit(".", 1)[-1].lstrip("_"))
             on_ready()
 
-        self.icon.run(setup=setup)
+        try:
+            self.icon.run(setup=setup)
+        except Exception:
+            if not self._quitting:
+                raise
+            # pystray's gtk back-end hides its notification on the way out and raises when the
+            # desktop has no notification service; the icon is gone by then
+            log.debug("tray back-end failed while closing", exc_info=True)
+
+    def stop(self) -> None:
+        self._quitting = True
+        self.icon.stop()
 
 
 # ---- entry point ---------------------------------------------------------------------------------
-
-def log_path() -> Path:
-    return data_dir() / "tray.log"
-
 
 def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger()
