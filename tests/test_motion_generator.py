@@ -530,6 +530,11 @@ def test_head_offsets_add_to_the_head(talking):
 
 # ---- export -----------------------------------------------------------------------------------
 
+def test_float16_is_refused_with_a_reason():
+    with pytest.raises(TypeError, match="float32 only"):
+        MotionGenerator().half()
+
+
 def test_onnx_export_matches_torch_over_200_frames(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     import warnings
