@@ -205,7 +205,7 @@ def _tile(payload: Payload, key: bytes = KEY) -> np.ndarray:
     return (tile / tile.std()).astype(np.float32)
 
 
-GAIN_REFRESH = 8  # frames between gain-map updates: a talking head's texture moves little in 0.2 s
+GAIN_REFRESH = 8  # frames per gain-map update: a talking head's texture moves little in 0.2 s
 _P_SCALE = 16  # fixed-point scale of the stored pattern magnitudes
 _G_SCALE = 64  # fixed-point scale of the gain map
 
@@ -216,9 +216,11 @@ class Watermarker:
     wm = Watermarker(Payload.now(load_install_id()))
     frame = wm.embed(frame)  # in place
 
-    The pattern is split once into its positive and negative magnitudes (uint8, three identical
-    channels), so a frame costs two saturating uint8 adds. The perceptual gain is recomputed every
-    GAIN_REFRESH frames (about 1 ms), so the output depends on the frames seen before.
+    The pattern is stored once as uint8 magnitudes with sign masks (three identical channels), and
+    the gain-scaled pattern is kept as two uint8 images, so a frame costs two saturating adds. The
+    perceptual gain is renewed over each cycle of GAIN_REFRESH frames, a slice of work per frame
+    (the map, its upsampling, then one band of rows each), so no frame pays for a whole update.
+    The output therefore depends on the frames seen before; the first frame is marked in full.
     """
 
     def __init__(self, payload: Payload, *, size: int = FRAME_SIZE, amplitude: float = AMPLITUDE,
@@ -232,9 +234,12 @@ class Watermarker:
         self._magnitude = np.clip(np.rint(np.abs(pattern3)), 0, 255).astype(np.uint8)
         self._positive = np.where(pattern3 > 0, 255, 0).astype(np.uint8)  # bit masks for the sign
         self._negative = np.bitwise_not(self._positive)
+        self._small = np.full((GAIN_GRID, GAIN_GRID, 3), _G_SCALE, np.uint8)
         self._gain = np.empty((size, size, 3), np.uint8)
         self._add = np.empty((size, size, 3), np.uint8)
         self._sub = np.empty((size, size, 3), np.uint8)
+        self._bands = [slice(i * size // self.gain_refresh, (i + 1) * size // self.gain_refresh)
+                       for i in range(self.gain_refresh)]
         self._count = 0
 
     def embed(self, frame: np.ndarray) -> np.ndarray:
@@ -242,20 +247,36 @@ class Watermarker:
         if frame.shape != (self.size, self.size, 3) or frame.dtype != np.uint8:
             raise ValueError(f"Watermarker.embed expects a ({self.size}, {self.size}, 3) uint8 RGB frame, "
                              f"got {frame.shape} {frame.dtype}")
-        if self._count % self.gain_refresh == 0:
-            self._update_gain(frame)
+        phase = self._count % self.gain_refresh
+        if self._count == 0:
+            self._small = _gain_uint8(frame)
+            self._upsample()
+            for rows in self._bands:
+                self._apply_gain(rows)
+        else:
+            if phase == 0:
+                self._small = _gain_uint8(frame)
+            if phase == min(1, self.gain_refresh - 1):
+                self._upsample()
+            self._apply_gain(self._bands[phase])
         self._count += 1
         # The two magnitudes never overlap at a pixel, so the saturating order does not matter.
         cv2.add(frame, self._add, dst=frame)
         cv2.subtract(frame, self._sub, dst=frame)
         return frame
 
-    def _update_gain(self, frame: np.ndarray) -> None:
-        gain = np.rint(_gain_map(frame) * _G_SCALE).astype(np.uint8)
-        cv2.resize(gain, (self.size, self.size), dst=self._gain, interpolation=cv2.INTER_LINEAR)
-        cv2.multiply(self._gain, self._magnitude, dst=self._sub, scale=1.0 / (_G_SCALE * _P_SCALE))
-        cv2.bitwise_and(self._sub, self._positive, dst=self._add)
-        cv2.bitwise_and(self._sub, self._negative, dst=self._sub)
+    def _upsample(self) -> None:
+        cv2.resize(self._small, (self.size, self.size), dst=self._gain, interpolation=cv2.INTER_LINEAR)
+
+    def _apply_gain(self, rows: slice) -> None:
+        sub, add = self._sub[rows], self._add[rows]
+        cv2.multiply(self._gain[rows], self._magnitude[rows], dst=sub, scale=1.0 / (_G_SCALE * _P_SCALE))
+        cv2.bitwise_and(sub, self._positive[rows], dst=add)
+        cv2.bitwise_and(sub, self._negative[rows], dst=sub)
+
+
+def _gain_uint8(frame: np.ndarray) -> np.ndarray:
+    return np.rint(_gain_map(frame) * _G_SCALE).astype(np.uint8)
 
 
 def _gain_map(frame: np.ndarray) -> np.ndarray:

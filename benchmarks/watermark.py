@@ -238,19 +238,24 @@ def embed_timing(img: np.ndarray, n: int) -> dict:
     wm = W.Watermarker(W.Payload(W.PRODUCT_ID, 0x123456, 1000))
     for f in frames[:16]:  # warm-up: first-call allocations are not a per-frame cost
         wm.embed(f.copy())
-    times = []
+    wall, cpu = [], []
     for i in range(n):
         f = frames[i % len(frames)].copy()
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         wm.embed(f)
-        times.append((time.perf_counter() - t) * 1e3)
-    t = np.array(times)
-    refresh = t[:: W.GAIN_REFRESH]
-    other = np.delete(t, np.arange(0, n, W.GAIN_REFRESH))
+        wall.append((time.perf_counter() - t) * 1e3)
+        cpu.append((time.process_time() - c) * 1e3)
+    t, c = np.array(wall), np.array(cpu)
+    refresh = np.arange(0, n, W.GAIN_REFRESH)
+    # CPU time of this process (all its threads) is what the embedding costs; wall time on a shared
+    # machine also holds the waits for a core that other jobs had.
     return {"frames": n, "mean_ms": float(t.mean()), "median_ms": float(np.median(t)),
             "p99_ms": float(np.percentile(t, 99)), "max_ms": float(t.max()),
-            "gain_refresh_frames_median_ms": float(np.median(refresh)),
-            "other_frames_median_ms": float(np.median(other)), "gain_refresh_every": W.GAIN_REFRESH,
+            "gain_refresh_frames_median_ms": float(np.median(t[refresh])),
+            "other_frames_median_ms": float(np.median(np.delete(t, refresh))),
+            "cpu_mean_ms": float(c.mean()), "cpu_gain_refresh_frames_median_ms": float(np.median(c[refresh])),
+            "cpu_other_frames_median_ms": float(np.median(np.delete(c, refresh))),
+            "gain_refresh_every": W.GAIN_REFRESH, "load_average_1min": os.getloadavg()[0],
             "opencv_threads": cv2.getNumThreads(), "warm_up_frames_excluded": 16}
 
 
@@ -332,7 +337,16 @@ def main() -> int:
     ap.add_argument("--video", type=Path, action="append", default=[], help="a real render to use as well")
     ap.add_argument("--quick", action="store_true", help="2 photos, 1 seed, 20 keys: a smoke run")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--timing-only", action="store_true", help="re-measure the embedding time into --out only")
     args = ap.parse_args()
+    if args.timing_only:
+        result = json.loads(args.out.read_text())
+        result["embed"] = timing = embed_timing(next(iter(photos().values())), 2000)
+        result["goals"]["embed_mean_ms<=2"] = timing["mean_ms"] <= GOALS["embed_ms"]
+        result["goals"]["embed_max_ms<=2"] = timing["max_ms"] <= GOALS["embed_ms"]
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(timing, indent=2))
+        return 0
     if args.quick:
         args.seeds, args.keys = 1, 20
     log = lambda s: print(s, flush=True)  # noqa: E731
