@@ -1,0 +1,130 @@
+"""The portrait rig: fixed shapes for every portrait, save/load round trip, and the on-disk cache
+(a hit loads without mediapipe or OpenCV, fast)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avatar.cli import DEFAULT_PORTRAIT
+from avatar.rig import RIG_INPUT_NAMES, RIG_VERSION, Rig, build_rig, load_rig, rig_cache_key
+from engines.face_decoder import RIG_INPUTS, FaceDecoder
+
+REPO = Path(__file__).resolve().parents[1]
+SECOND_FACE = REPO / "tests" / "data" / "faces" / "grace_hopper.jpg"
+
+pytest.importorskip("mediapipe")
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    from avatar.portrait import analyze_portrait
+
+    return build_rig(analyze_portrait(DEFAULT_PORTRAIT))
+
+
+def test_input_names_match_the_decoder_signature():
+    import inspect
+
+    params = list(inspect.signature(FaceDecoder.forward).parameters)[2:]  # self, motion
+    assert tuple(params) == RIG_INPUT_NAMES
+
+
+def test_two_portraits_give_identical_shapes(astronaut):
+    from avatar.portrait import analyze_portrait
+
+    other = build_rig(analyze_portrait(SECOND_FACE))
+    for name, shape, dtype in RIG_INPUTS:
+        a, b = astronaut.engine[name], other.engine[name]
+        assert tuple(a.shape) == tuple(b.shape) == shape and a.dtype == b.dtype == dtype, name
+    # and they are different portraits, not a constant
+    assert not torch.equal(astronaut.engine["ctrl_xyz"], other.engine["ctrl_xyz"])
+    # the other portrait renders: neutral is its photo, a moved frame differs from it
+    dec = FaceDecoder().eval()
+    with torch.inference_mode():
+        neutral = dec(torch.zeros(1, len(astronaut.engine["ctrl_basis"])), *other.inputs())[0].numpy()
+    assert np.array_equal(neutral, other.image.numpy())
+
+
+def test_no_subnormal_floats(astronaut):
+    # subnormal float32 values make CPU arithmetic many times slower
+    for name, t in astronaut.engine.items():
+        if t.is_floating_point():
+            tiny = (t != 0) & (t.abs() < torch.finfo(torch.float32).tiny)
+            assert not tiny.any(), name
+
+
+def test_save_load_round_trip(astronaut, tmp_path):
+    path = tmp_path / "rig.pt"
+    astronaut.save(path)
+    back = Rig.load(path)
+    assert torch.equal(back.image, astronaut.image) and torch.equal(back.landmarks, astronaut.landmarks)
+    for name in RIG_INPUT_NAMES:
+        assert torch.equal(back.engine[name], astronaut.engine[name]), name
+    assert [t.data_ptr() for t in back.inputs()] == [back.engine[n].data_ptr() for n in RIG_INPUT_NAMES]
+
+
+def test_load_refuses_another_version(astronaut, tmp_path):
+    path = tmp_path / "old.pt"
+    payload = torch.load(_saved(astronaut, tmp_path), weights_only=True)
+    payload["version"] = RIG_VERSION - 1
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="version"):
+        Rig.load(path)
+
+
+def _saved(rig, tmp_path) -> Path:
+    path = tmp_path / "saved.pt"
+    rig.save(path)
+    return path
+
+
+def test_cache_key_follows_bytes_framing_and_version():
+    data = b"some image bytes"
+    assert rig_cache_key(data, 1.0, None) == rig_cache_key(data, 1.0, None)
+    assert len({rig_cache_key(data, 1.0, None), rig_cache_key(data, 1.2, None), rig_cache_key(data, 1.0, 1),
+                rig_cache_key(data + b"!", 1.0, None)}) == 4
+
+
+def test_cache_hit_skips_analysis_and_is_fast(tmp_path):
+    cache = tmp_path / "rigs"
+    first = load_rig(DEFAULT_PORTRAIT, cache_dir=cache)
+    files = list(cache.glob("*.pt"))
+    assert len(files) == 1 and not list(cache.glob("*.tmp"))  # written atomically, temp file gone
+    # a fresh interpreter: the hit must not import mediapipe or OpenCV, and loads quickly
+    code = textwrap.dedent(f"""
+        import sys, time, json
+        t = time.perf_counter()
+        from avatar.rig import load_rig
+        rig = load_rig({str(DEFAULT_PORTRAIT)!r}, cache_dir={str(cache)!r})
+        load_ms = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        load_rig({str(DEFAULT_PORTRAIT)!r}, cache_dir={str(cache)!r})
+        again_ms = (time.perf_counter() - t) * 1000
+        print(json.dumps({{"mediapipe": "mediapipe" in sys.modules, "cv2": "cv2" in sys.modules,
+                          "again_ms": again_ms, "sum": float(rig.engine["ctrl_xyz"].sum())}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    import json
+
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not got["mediapipe"] and not got["cv2"], got
+    assert got["sum"] == pytest.approx(float(first.engine["ctrl_xyz"].sum()))
+    assert got["again_ms"] < 250.0, got  # typically ~20-40 ms; generous for a loaded machine
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path):
+    cache = tmp_path / "rigs"
+    load_rig(DEFAULT_PORTRAIT, cache_dir=cache)
+    entry = next(cache.glob("*.pt"))
+    entry.write_bytes(b"not a rig")
+    rig = load_rig(DEFAULT_PORTRAIT, cache_dir=cache)
+    rig.check()
+    assert Rig.load(entry).engine["ctrl_xyz"].shape == rig.engine["ctrl_xyz"].shape
