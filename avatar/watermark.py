@@ -247,6 +247,9 @@ class Watermarker:
         if frame.shape != (self.size, self.size, 3) or frame.dtype != np.uint8:
             raise ValueError(f"Watermarker.embed expects a ({self.size}, {self.size}, 3) uint8 RGB frame, "
                              f"got {frame.shape} {frame.dtype}")
+        if not frame.flags.c_contiguous:  # e.g. a view into a larger buffer: OpenCV needs one block
+            frame[...] = self.embed(np.ascontiguousarray(frame))
+            return frame
         phase = self._count % self.gain_refresh
         if self._count == 0:
             self._small = _gain_uint8(frame)

@@ -132,6 +132,16 @@ def test_embedding_is_invisible_by_psnr_and_changes_luma_only(path):
     assert np.abs(d).max() <= 30  # no pixel is visibly off
 
 
+def test_embed_marks_a_non_contiguous_view_in_place():
+    frame = portrait()
+    buffer = np.zeros((512, 600, 3), np.uint8)
+    view = buffer[:, 44:556]
+    view[...] = frame
+    assert Watermarker(PAYLOAD).embed(view) is view
+    assert np.array_equal(view, Watermarker(PAYLOAD).embed(frame.copy()))
+    assert not buffer[:, :44].any() and not buffer[:, 556:].any()
+
+
 def test_embed_rejects_wrong_frames():
     wm = Watermarker(PAYLOAD)
     with pytest.raises(ValueError, match="512, 512, 3"):
