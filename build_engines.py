@@ -145,10 +145,8 @@ def reference_calls(engines, names, *, seconds: float | None = None):
 
 
 def build(engines, *, names, precision: str, out_dir: Path, trt, device, identity: dict,
-          models: dict | None = None, cache_dir: Path | None = None, write=print) -> dict:
+          models: dict | None = None, cache_dir: Path | None = None, write=None) -> dict:
     """Export, build, verify and write every engine in `names`; returns the manifest written."""
-    from tqdm import tqdm
-
     from engines.export import write_atomic, describe_errors, engine_hash, export_and_check, export_engine, merge_errors
     from engines.runtime import MANIFEST, MANIFEST_FORMAT, trt_version
 
@@ -161,9 +159,10 @@ def build(engines, *, names, precision: str, out_dir: Path, trt, device, identit
     manifest.setdefault("engines", {})
     timing_cache = out_dir / "timing.cache"
 
-    write("recording the reference (torch on the CPU, bundled voice, astronaut rig) ...")
+    bar = _progress(total=len(names) * 3)
+    say = write or bar.write  # messages between the progress bar's updates
+    say("recording the reference (torch on the CPU, bundled voice, astronaut rig) ...")
     calls = reference_calls(engines, names)
-    bar = tqdm(total=len(names) * 3, unit="step", desc="engines", file=sys.stderr)
     try:
         for name in names:
             module = modules[name]
@@ -180,20 +179,20 @@ def build(engines, *, names, precision: str, out_dir: Path, trt, device, identit
                     try:  # TensorRT 11: the FP16 graph itself
                         graph = export_engine(name, module, cache_dir=cache_dir, precision="fp16")
                     except Exception as e:  # noqa: BLE001 - an engine torch cannot run in half: FP32
-                        bar.write(f"  {name}: no FP16 graph ({type(e).__name__}: {e}); building FP32")
+                        say(f"  {name}: no FP16 graph ({type(e).__name__}: {e}); building FP32")
                         continue
                 try:
                     plan = build_plan(trt, graph.path, fp16=attempt == "fp16", timing_cache=timing_cache,
-                                      write=bar.write)
+                                      write=say)
                     bar.set_description(f"{name}: verify {attempt}")
                     report = verify_plan(trt, plan, name, module, calls[name], device=device)
                 except Exception as e:  # noqa: BLE001 - FP16 that does not build or run falls back to FP32
                     if attempt == "fp32":
                         raise
-                    bar.write(f"  {name} fp16: failed ({type(e).__name__}: {e}); building FP32")
+                    say(f"  {name} fp16: failed ({type(e).__name__}: {e}); building FP32")
                     continue
                 ok = all(r["ok"] for r in report.values())
-                bar.write(f"  {name} {attempt}: {'verified' if ok else 'OUT OF TOLERANCE'}: {describe_errors(report)}")
+                say(f"  {name} {attempt}: {'verified' if ok else 'OUT OF TOLERANCE'}: {describe_errors(report)}")
                 if ok:
                     built = Built(name, attempt, plan, report, time.perf_counter() - started)
                     break
@@ -214,6 +213,33 @@ def build(engines, *, names, precision: str, out_dir: Path, trt, device, identit
         bar.close()
     write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
+
+
+class _PlainProgress:
+    """tqdm's few methods used here, as plain lines (machines without tqdm)."""
+
+    def __init__(self, total: int):
+        self.total, self.n = total, 0
+
+    def set_description(self, text: str) -> None:
+        print(f"[{self.n}/{self.total}] {text}", file=sys.stderr)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def write(self, text: str) -> None:
+        print(text)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainProgress(total)
+    return tqdm(total=total, unit="step", desc="engines", file=sys.stderr)
 
 
 def _existing_manifest(out_dir: Path, identity: dict, version: str) -> dict:

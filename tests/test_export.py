@@ -211,11 +211,11 @@ def test_half_precision_wrapper_keeps_the_float32_interface(tmp_path):
 
 def test_compressed_rig_round_trip(rig, tmp_path):
     path = tmp_path / "rig.pt.xz"
-    ex.save_compressed_rig(rig, path)
+    ex.save_compressed_rig(rig, path, preset=1)  # fast here; the committed file uses preset 9
     back = ex.load_saved_rig(path)
     for name in RIG_INPUT_NAMES:
         assert torch.equal(back.engine[name], rig.engine[name]), name
-    assert path.stat().st_size < 0.6 * sum(t.numel() * t.element_size() for t in rig.inputs())
+    assert path.stat().st_size < 0.7 * sum(t.numel() * t.element_size() for t in rig.inputs())
 
 
 def test_the_committed_rig_loads_without_analysis(rig):
