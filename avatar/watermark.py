@@ -130,13 +130,16 @@ def load_install_id(config_dir: str | os.PathLike | None = None) -> int:
     tmp = path.with_name(f".install_id.{uuid.uuid4().hex[:8]}.tmp")
     try:
         tmp.write_text(f"{value:0{INSTALL_BITS // 4}x}\n")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        except OSError:  # a file system without hard links: rename unless someone got there first
-            if not path.exists():
-                os.replace(tmp, path)
+        if path.exists():  # there but unreadable or damaged: replace it whole
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links: rename unless someone got there first
+                if not path.exists():
+                    os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     stored = _read_install_id(path)

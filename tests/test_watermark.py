@@ -114,8 +114,9 @@ def test_install_id_is_made_once_and_kept(tmp_path):
     assert load_install_id(tmp_path / "cfg") == first
     assert (tmp_path / "cfg" / "install_id").read_text().strip() == f"{first:06x}"
     assert not [p for p in (tmp_path / "cfg").iterdir() if p.name != "install_id"]  # no temp file left
-    (tmp_path / "cfg" / "install_id").write_text("not hex\n")  # a damaged file is replaced
-    assert 0 <= load_install_id(tmp_path / "cfg") < 1 << 24
+    (tmp_path / "cfg" / "install_id").write_text("not hex\n")  # a damaged file is replaced, and kept
+    renewed = load_install_id(tmp_path / "cfg")
+    assert 0 <= renewed < 1 << 24 and load_install_id(tmp_path / "cfg") == renewed
 
 
 # --- embedding -----------------------------------------------------------------------------------
