@@ -6,9 +6,9 @@ frame at 37 dB PSNR and lost its bits to a 5% crop or JPEG 50 in our measurement
 - A TILE x TILE luma tile is the sum of SYMBOLS + 1 keyed pseudo-random band-pass patterns. Pattern 0
   (the reference) sits at shift 0; pattern k carries a 12-bit symbol as its cyclic shift relative to
   the reference (a 64 x 64 grid of even shifts). The tile repeats over the frame.
-- Embedding adds the tiled pattern, scaled by a coarse perceptual gain (more in texture, less on flat
-  skin), equally to R, G and B, so only luma changes. The pattern is precomputed once per payload;
-  per frame it is one small activity map and a multiply-add.
+- Embedding adds the tiled pattern, scaled by a mild perceptual gain (0.7x on flat skin .. 1.5x in
+  texture), equally to R, G and B, so only luma changes. The pattern is precomputed once per
+  payload; per frame it is two saturating uint8 adds plus a slice of the gain update.
 - Detection whitens each frame's luma (band-pass, local contrast normalisation), averages frames,
   searches a scale grid (crops and rescales), folds the image modulo the tile (so any translation
   is a cyclic shift) and phase-correlates with each pattern. The reference peak's height over the
@@ -162,7 +162,7 @@ SYMBOL_BITS = 2 * int(math.log2(TILE // SHIFT_STEP))  # 12 bits per pattern
 SYMBOLS = -(-PAYLOAD_BITS // SYMBOL_BITS)  # 5
 BAND = (0.08, 0.20)  # cycles/px (5-12 px waves): survives 360p and 300 kbps H.264; lower bands drown in the portrait
 REF_WEIGHT = 1.5  # the reference's amplitude relative to a symbol pattern (it also carries sync)
-KEY = b"vasa-avatar watermark v1"  # public: detection needs no secret (see ARCHITECTURE.md sec. 7)
+KEY = b"vasa-avatar watermark v1"  # public: anyone may verify; it discloses, it does not resist a remover
 AMPLITUDE = 2.2  # RMS luma change in 8-bit levels: about 41 dB PSNR
 GAIN_RANGE = (0.7, 1.5)  # perceptual gain limits; a strong mask (0.35..2.2) lost half the z-score after 300 kbps H.264
 GAIN_GRID = 64  # the gain map is computed on a GAIN_GRID^2 thumbnail
@@ -177,14 +177,17 @@ def _band_mask(n: int, *, half: bool = False) -> np.ndarray:
 
 
 def _patterns(key: bytes = KEY) -> np.ndarray:
-    """(SYMBOLS + 1, TILE, TILE) float64 unit-RMS band-pass patterns, reference first."""
-    seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
-    rng = np.random.default_rng(seed)
+    """(SYMBOLS + 1, TILE, TILE) float64 unit-RMS band-pass patterns, reference first.
+
+    The noise comes from SHAKE-256 of the key, not a numpy generator, so every install and every
+    numpy version (1.x here, 2.x elsewhere) draws the same patterns: a mark must stay readable.
+    """
     mask = _band_mask(TILE)
     out = np.empty((SYMBOLS + 1, TILE, TILE))
     for k in range(SYMBOLS + 1):
-        spec = np.fft.fft2(rng.standard_normal((TILE, TILE))) * mask
-        p = np.fft.ifft2(spec).real
+        raw = hashlib.shake_256(key + b"/pattern/" + str(k).encode()).digest(TILE * TILE * 2)
+        noise = np.frombuffer(raw, dtype="<u2").astype(np.float64).reshape(TILE, TILE) - 32767.5
+        p = np.fft.ifft2(np.fft.fft2(noise) * mask).real
         out[k] = p / p.std()
     return out
 
