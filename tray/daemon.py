@@ -131,12 +131,13 @@ class LiveHandle:
 
     def __init__(self, *, portrait: Path, controls, mic: str | None = None, paused: bool = False,
                  preview: bool = False, on_preview_closed: Callable[[str | None], None] = lambda reason: None,
-                 runtime: str = "auto", camera_backend: str | None = None, audio_backend=None,
-                 torch_threads: int = 1):
+                 runtime: str = "auto", audio_model: str = "trained", motion_model: str = "generator",
+                 camera_backend: str | None = None, audio_backend=None, torch_threads: int = 1):
         self.portrait = Path(portrait)
         self.controls = controls
         self.mic = mic
         self.runtime = runtime
+        self.audio_model, self.motion_model = audio_model, motion_model
         self.camera_backend = camera_backend
         self.audio_backend = audio_backend
         self.torch_threads = torch_threads
@@ -273,7 +274,7 @@ class LiveHandle:
 
         torch.set_num_threads(max(1, self.torch_threads))
         rig = load_rig(self.portrait, head_distance=self.controls.head_distance)
-        engines = load_engines()
+        engines = load_engines(audio_model=self.audio_model, motion_model=self.motion_model)
         backend = create_backend(self.runtime, engines=engines)
         log.info("live: engines on %s", backend.describe())
         pipeline = Pipeline(backend.engines(engines), rig.inputs(), controls_tensor(self.controls),
