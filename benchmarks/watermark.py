@@ -353,7 +353,17 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="2 photos, 1 seed, 20 keys: a smoke run")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--timing-only", action="store_true", help="re-measure the embedding time into --out only")
+    ap.add_argument("--visual", type=Path, default=None,
+                    help="write unmarked | marked | 4x difference PNGs of each photo into this folder and stop")
     args = ap.parse_args()
+    if args.visual:
+        args.visual.mkdir(parents=True, exist_ok=True)
+        for name, img in photos().items():
+            marked = W.Watermarker(W.Payload(W.PRODUCT_ID, 0x3F2A1B, 1000)).embed(img.copy())
+            diff = np.clip(128 + 4 * (marked.astype(np.int16) - img), 0, 255).astype(np.uint8)
+            Image.fromarray(np.concatenate([img, marked, diff], axis=1)).save(args.visual / f"{name}.png")
+            print(f"{args.visual / name}.png: PSNR {psnr(marked, img):.1f} dB")
+        return 0
     if args.timing_only:
         result = json.loads(args.out.read_text())
         img = next(iter(photos().values()))

@@ -126,7 +126,7 @@ def test_embedding_is_invisible_by_psnr_and_changes_luma_only(path):
     frames = talking_clip(portrait(path), 12, seed=2)
     marked = mark(frames)
     values = [psnr(m, f) for m, f in zip(marked, frames)]
-    assert min(values) >= 40.0, values  # measured 41.2-41.8 dB
+    assert min(values) >= 40.0, values  # measured 40.5-40.7 dB
     d = marked[5].astype(int) - frames[5]
     unclipped = (frames[5] > 30).all(axis=2) & (frames[5] < 225).all(axis=2)
     assert np.array_equal(d[unclipped, 0], d[unclipped, 1]) and np.array_equal(d[unclipped, 0], d[unclipped, 2])
