@@ -467,24 +467,27 @@ def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tupl
     col_up = cv2.remap(src, to_crop(on_up), None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     col_low = cv2.remap(src, to_crop(on_low), None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     fill = col_up * (1 - t[..., None]) + col_low * t[..., None]
-    deep = (depth_up > feather_px + 0.5) & (depth_low > feather_px + 0.5)
-    inpainted = np.where(deep[..., None], fill, crop)
+    inpainted = np.where(interior[..., None], fill, crop)
 
     # colours: the cavity from the photo's darkest mouth pixels, the teeth from its brightest
     lum = crop @ LUMA
     inside_px = crop[interior]
     lip_colour = np.median(crop[(sd_up > 1) & (sd_up < 0.03 * fw) & (np.abs(u) < a_corner * 0.6)], axis=0)
+    skin_lum = float(np.median(lum[(sd_up > 0.05 * fw) & (sd_up < 0.12 * fw) & (np.abs(u) < a_corner)]))
+    default_teeth = np.array([240.0, 232.0, 214.0]) * np.clip(skin_lum / 160.0, 0.85, 1.05)
     if len(inside_px) >= 30:
         order = np.argsort(lum[interior])
         cavity = np.median(inside_px[order[:max(len(order) // 7, 5)]], axis=0)
         bright = inside_px[order[-max(len(order) // 3, 5):]]
         teeth_colour = np.median(bright, axis=0)
-    else:
-        cavity = lip_colour * 0.25
-        teeth_colour = np.array([236.0, 228.0, 212.0]) * np.clip(np.median(lum) / 170.0, 0.6, 1.1)
-    cavity = cavity * min(1.0, 45.0 / max(cavity @ LUMA, 1e-3))
-    if teeth_colour @ LUMA < 120:  # dark "teeth" were a shadow: use a default
-        teeth_colour = np.array([236.0, 228.0, 212.0]) * np.clip(np.median(lum) / 170.0, 0.6, 1.1)
+    else:  # a closed mouth: a dark, lip-tinted inside
+        cavity = lip_colour * 0.35
+        teeth_colour = default_teeth
+    # dark, but not a black hole: a mouth's inside keeps some of the lips' warmth
+    cavity_lum = max(float(cavity @ LUMA), 1e-3)
+    cavity = cavity * float(np.clip(cavity_lum, 32.0, 55.0)) / cavity_lum
+    if teeth_colour @ LUMA < 120:  # dark "teeth" were a shadow: use the default
+        teeth_colour = default_teeth
 
     au = np.abs(u)
     # the photo's visible upper teeth: bright pixels inside the mouth. Per column, everything down
@@ -505,14 +508,16 @@ def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tupl
         while end + 1 < height and (col[end + 1] or (end + 2 < height and col[end + 2])):
             end += 1
         gap_here = max(depth_up[end, x] + depth_low[end, x], 1.0)
-        t_split[x] = t[end, x] + 1.0 / gap_here
-    # a column's edge never sits above its neighbours' (a stray dark pixel must not cut a tooth)
+        t_split[x] = t[end, x] + 0.5 / gap_here
+    # a column's edge never sits above its neighbours' (a stray dark pixel must not cut a tooth),
+    # and the edge runs smoothly from column to column (no stair steps when the jaw drops)
     t_split = np.max(np.stack([np.roll(np.pad(t_split, 2, mode="edge"), k)[2:-2] for k in range(-2, 3)]), 0)
+    t_split = np.convolve(np.pad(t_split, 2, mode="edge"), np.ones(5) / 5, mode="valid")
     t_split = np.clip(t_split, 0.3, 1.0)[None, :]
     gap_px = depth_up + depth_low
     below = (t - t_split) * gap_px  # px below the split line
-    photo_up = interior * _smoothstep(2.0 - below)  # 1 down to 1 px below the split, then fades
-    photo_low = interior * _smoothstep(below + 1.0)  # opaque from the split line down
+    photo_up = interior * _smoothstep(1.0 - below)  # 1 down to the split, fading over 1 px below it
+    photo_low = interior * _smoothstep(below + 1.0)  # opaque from the split line down (exactness)
 
     # synthetic teeth for what the photo does not show: stripes per tooth, darker as they recede;
     # the upper ones continue the photo's own teeth upward where it shows any
@@ -528,7 +533,7 @@ def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tupl
         tip = show_px * (0.6 + 0.4 * recede) - rounding
         body = _smoothstep((sd + tip) / 1.0) * _smoothstep((root_px - sd) / 2.0)
         body = body * _smoothstep((arch - au) / 0.02)
-        shade = (0.45 + 0.55 * recede ** 0.7) * (1.0 - 0.12 * gap_line)
+        shade = (0.5 + 0.5 * recede ** 0.7) * (1.0 - 0.08 * gap_line)
         return body, shade
 
     up_body, up_shade = teeth(sd_up, UPPER_TOOTH_SHOW_FW * fw, 0.08 * fw, a_corner * 1.05)
@@ -544,7 +549,7 @@ def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tupl
     gum = _smoothstep((sd_up - 0.055 * fw) / (0.01 * fw))[..., None]
     up_rgb = up_rgb * (1 - gum) + lip_colour * 0.85 * gum
     low_body, low_shade = teeth(sd_low, LOWER_TOOTH_SHOW_FW * fw, 0.06 * fw, a_corner * 0.75)
-    low_rgb = teeth_colour * (0.85 * low_shade)[..., None]  # in the upper teeth's shadow
+    low_rgb = teeth_colour * (0.78 * low_shade)[..., None]  # in the upper teeth's shadow
 
     # tongue: a soft mound behind the lower teeth, lip-coloured, darker toward the throat
     tv = (sd_low - 0.01 * fw) / (0.06 * fw)
@@ -559,7 +564,7 @@ def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tupl
     tl_rgb, tl_a = over(low_rgb, low_body, tongue_rgb * tongue[..., None], tongue)
     tl_rgb, tl_a = over(crop, photo_low, tl_rgb, tl_a)
     # the cavity: darkest high up under the upper teeth and deep in the middle
-    cav_shade = 0.8 + 0.2 * _smoothstep((au / a_corner - 0.4) / 0.6) - 0.2 * _smoothstep(-sd_up / (0.06 * fw))
+    cav_shade = 0.85 + 0.15 * _smoothstep((au / a_corner - 0.4) / 0.6) - 0.2 * _smoothstep(-sd_up / (0.06 * fw))
     return {
         "lip_upper": np.dstack([inpainted, sd_up]),
         "lip_lower": np.dstack([inpainted, sd_low]),
@@ -784,6 +789,11 @@ def build_rig(portrait) -> Rig:
             continue  # fill-in points keep a wider spacing
         if gap < min_gap and not is_lip:
             continue
+        if is_lip:
+            # the two inner lip lines may coincide (a closed mouth) but never share a field (each
+            # lip's field leaves the other lip out), so only other points count against them
+            others = [c for c in chosen if c not in LIPS_UPPER_INNER and c not in LIPS_LOWER_INNER]
+            gap = np.min(np.linalg.norm(lm[others, :2] - lm[i, :2], axis=1)) if others else np.inf
         chosen.append(i)
         in_tps.append(gap >= min_gap)
     k_face = len(chosen)

@@ -54,7 +54,7 @@ MOUTH_ANCHOR_AT = (0.5, 0.36)  # where the mouth centre sits in the window (frac
 MOUTH_SRC_W, MOUTH_SRC_H = 256, 224  # source crop of the mouth layers, px
 MOUTH_SRC_STEP = 8  # node spacing of the lip fields on the source crop
 MOUTH_LAYERS = 4  # upper lip, lower lip, upper teeth, lower teeth (see RIG_INPUTS)
-LIP_FEATHER_PX = 1.5  # a lip's inner edge fades over this many (source) px into the mouth
+LIP_FEATHER_PX = 1.5  # a moving lip's inner edge fades over this many (source) px into the mouth
 
 EYES_W, EYES_H = 224, 72  # eye window (both eyes), px; it follows the eyes on screen
 EYES_SRC_W, EYES_SRC_H = 288, 112  # source crop of the eye layers, px
@@ -371,16 +371,22 @@ class FaceDecoder(nn.Module):
         teeth = torch.stack([_affine_backward(anchor_src[1:4], anchors[1:4], nodes[0]),
                              _affine_backward(anchor_src[4:7], anchors[4:7], nodes[0])])
         shift = (torch.cat([lips, teeth], dim=0) - nodes) * self.inv_mouth_src  # (4, 1, n, 2)
-        grid = _upsample(shift.view(MOUTH_LAYERS, gh, gw, 2), self.mouth_pixel_grid) \
-            + ((self.mouth_pixels + origin - src_origin + 0.5) * self.inv_mouth_src - 1.0)
+        # how far each lip has slid over its teeth (px, up to 1): the lips' inner edges soften with
+        # it, and are hard, exactly the photo's, while the lips have not moved
+        slide = ((lips - teeth).abs().sum(-1, keepdim=True)).clamp(max=1.0)  # (2, 1, n, 1)
+        slide = torch.cat([slide, slide], dim=0)  # per layer; the teeth layers ignore theirs
+        dense = _upsample(torch.cat([shift, slide], dim=-1).view(MOUTH_LAYERS, gh, gw, 3), self.mouth_pixel_grid)
+        grid = dense[..., 0:2] + ((self.mouth_pixels + origin - src_origin + 0.5) * self.inv_mouth_src - 1.0)
         s = F.grid_sample(layers, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        # (2, 1, H, W) per px of signed distance; at rest the edge is a step (1e-4 px wide)
+        sharpness = (1.0 / LIP_FEATHER_PX) / dense[0:2, :, :, 2:3].permute(0, 3, 1, 2).clamp(min=1e-4)
         lip_up, lip_low, teeth_up, teeth_low = s[0:1], s[1:2], s[2:3], s[3:4]  # (1, 5, H, W) each
         out = cavity_rgb.view(1, 3, 1, 1) * teeth_up[:, 4:5]
         out = teeth_low[:, :3] + (1.0 - teeth_low[:, 3:4]) * out  # premultiplied "over"
         out = teeth_up[:, :3] + (1.0 - teeth_up[:, 3:4]) * out
-        # each lip is opaque on its side of the cut and fades over LIP_FEATHER_PX into the mouth
-        out = torch.lerp(out, lip_low[:, :3], (1.0 + lip_low[:, 3:4] * (1.0 / LIP_FEATHER_PX)).clamp(0.0, 1.0))
-        out = torch.lerp(out, lip_up[:, :3], (1.0 + lip_up[:, 3:4] * (1.0 / LIP_FEATHER_PX)).clamp(0.0, 1.0))
+        # each lip is opaque on its side of the cut and fades (once it moves) into the mouth
+        out = torch.lerp(out, lip_low[:, :3], (1.0 + lip_low[:, 3:4] * sharpness[1:2]).clamp(0.0, 1.0))
+        out = torch.lerp(out, lip_up[:, :3], (1.0 + lip_up[:, 3:4] * sharpness[0:1]).clamp(0.0, 1.0))
         return out, weight
 
     def _eyes(self, motion: Tensor, origin: Tensor, main_shift: Tensor, photo_rgbm: Tensor, eye_frame: Tensor,
