@@ -37,7 +37,8 @@ STAGES = ("audio", "motion", "face")
 
 def _stats(ms: list[float]) -> dict[str, float]:
     a = np.asarray(ms, dtype=np.float64)
-    return {"mean": round(float(a.mean()), 4), "p50": round(float(np.percentile(a, 50)), 4),
+    return {"min": round(float(a.min()), 4), "mean": round(float(a.mean()), 4),
+            "p50": round(float(np.percentile(a, 50)), 4),
             "p99": round(float(np.percentile(a, 99)), 4), "max": round(float(a.max()), 4)}
 
 
@@ -83,6 +84,7 @@ def bench_engines(backend: str = "auto", *, frames: int = 500, out: Path | None 
     chosen = create_backend(backend, engines=engines, **options)
     engine = chosen.frame_engine(engines, rig.inputs(), timing=True)
 
+    load_before = _load()
     voice = read_voice().numpy()
     ticks = voice.reshape(-1, SAMPLES_PER_FRAME)
     controls = controls_tensor(Controls())
@@ -121,6 +123,8 @@ def bench_engines(backend: str = "auto", *, frames: int = 500, out: Path | None 
         "cuda_graph": bool(getattr(engine, "cuda_graph", False)),
         "cuda_graph_error": getattr(engine, "cuda_graph_error", None),
         "torch_threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - started, 2),
+        # other work on the machine skews CPU timings: the 1-minute load average before and after
+        "load_average": [round(load_before, 2), round(_load(), 2)],
         "versions": _versions(chosen.name),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -131,6 +135,13 @@ def bench_engines(backend: str = "auto", *, frames: int = 500, out: Path | None 
         path.write_text(json.dumps(results, indent=2) + "\n")
         results["path"] = str(path)
     return results
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every OS
+        return float("nan")
 
 
 def _versions(backend: str) -> dict[str, str]:
@@ -152,9 +163,10 @@ def _versions(backend: str) -> dict[str, str]:
 
 def summary(results: dict) -> str:
     s = results["stages_ms"]
-    return (f"{results['label']} on {results['device_name']}: frame {results['frame_ms']['mean']:.2f} ms mean, "
-            f"{results['frame_ms']['p99']:.2f} ms p99 ({results['fps']:.1f} FPS); audio {s['audio']['mean']:.2f}, "
-            f"motion {s['motion']['mean']:.2f}, face {s['face']['mean']:.2f} ms")
+    f = results["frame_ms"]
+    return (f"{results['label']} on {results['device_name']}: frame {f['p50']:.2f} ms p50, {f['mean']:.2f} mean, "
+            f"{f['p99']:.2f} p99, {f['min']:.2f} min ({results['fps']:.1f} FPS); p50 audio {s['audio']['p50']:.2f}, "
+            f"motion {s['motion']['p50']:.2f}, face {s['face']['p50']:.2f} ms; load {results['load_average'][0]}")
 
 
 def main(argv=None) -> int:

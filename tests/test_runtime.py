@@ -848,3 +848,28 @@ def test_tensorrt_frame_engine_logic_on_an_emulated_device(fake_trt, engines, ri
     assert motion_err <= 1e-3 and pixel <= 8.0, (motion_err, pixel)
     with pytest.raises(ValueError, match="rig tensor"):
         frames.set_rig(tuple(t[..., :1] if t.ndim else t for t in rig.inputs()))
+
+
+# ---- avatar.bench --------------------------------------------------------------------------------
+
+def test_bench_engines_writes_per_stage_json(rig, tmp_path, capsys):
+    from avatar import bench
+
+    results = bench.bench_engines("torch", frames=6, warmup=1, out=tmp_path, audio_model="dsp")
+    path = tmp_path / "engines-torch-cpu.json"
+    assert results["path"] == str(path)
+    saved = json.loads(path.read_text())
+    assert saved["backend"] == "torch" and saved["device"] == "cpu" and saved["frames"] == 6
+    for stats in [saved["frame_ms"], *saved["stages_ms"].values()]:
+        assert 0 < stats["min"] <= stats["p50"] <= stats["p99"] <= stats["max"]
+    stages = sum(saved["stages_ms"][s]["mean"] for s in ("audio", "motion", "face"))
+    assert stages <= saved["frame_ms"]["mean"] * 1.05  # the stages are inside the frame's time
+    assert abs(saved["fps"] - 1000 / saved["frame_ms"]["mean"]) <= 0.006  # rounded to 2 decimals
+    assert "torch" in saved["versions"] and len(saved["load_average"]) == 2
+
+    assert bench.main(["engines", "--backend", "onnxruntime", "--frames", "3", "--warmup", "1",
+                       "--audio-model", "dsp", "--out", str(tmp_path), "--label", "ort-test"]) == 0
+    assert (tmp_path / "engines-ort-test-cpu.json").is_file()
+    assert "ort-test on" in capsys.readouterr().out
+    assert bench.main(["engines", "--backend", "nope", "--frames", "1", "--audio-model", "dsp",
+                       "--out", str(tmp_path)]) == 1
