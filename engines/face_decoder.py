@@ -154,7 +154,7 @@ def _rotation(yaw: Tensor, pitch: Tensor, roll: Tensor) -> Tensor:
 
 def _minus_identity(r: Tensor) -> Tensor:
     """R - I, exactly zero when every angle is zero (so neutral motion stays exact)."""
-    return r - torch.eye(3, dtype=r.dtype)
+    return r - torch.eye(3, dtype=r.dtype, device=r.device)
 
 
 def move_points(motion: Tensor, xyz: Tensor, basis: Tensor | None, jaw_weight: Tensor, jaw_hinge: Tensor,
