@@ -63,8 +63,10 @@ ON_TIME_MS = 5.0  # a frame is on time when handed to the camera within 5 ms aft
 STATUS_EVERY_S = 5.0
 RETRY_EVERY_S = 2.0
 LATENCY_WINDOW = 10 * FPS  # fresh-frame latencies kept for the status line (10 s)
-PHASE_WINDOW = 24  # fresh frames whose readiness phase aligns the tick schedule (see _phase_shift)
+PHASE_WINDOW = 32  # fresh frames whose readiness phase aligns the tick schedule (see _phase_shift)
+PHASE_EVERY = 12  # ... looked at every this many fresh frames
 PHASE_MARGIN_S = 0.002  # ticks fall this long after the latest usual frame readiness
+PHASE_SLACK_S = 0.004  # ... and move earlier only to save more than this
 DELAY_HYSTERESIS_MS = 10.0  # the delayed mic is re-aimed when the wanted delay moves more than this
 GATE_IDLE_GAIN = 0.0  # what the encoder hears of non-speech (0: silence)
 SWITCH_INTERVAL_S = 0.0005  # GIL hand-over while live, so the pacing thread wakes on time
@@ -389,8 +391,8 @@ class LiveDaemon:
                 stats.frames_new += 1
                 phases[n_phases % PHASE_WINDOW] = (item.ready_at - start) % PERIOD_S
                 n_phases += 1
-                if n_phases >= PHASE_WINDOW and n_phases % (PHASE_WINDOW // 2) == 0:
-                    shift = _phase_shift(phases)
+                if n_phases % PHASE_EVERY == 0:  # the first look after PHASE_EVERY frames: converge fast
+                    shift = _phase_shift(phases[:min(n_phases, PHASE_WINDOW)])
                     if shift:
                         start += shift
                         stats.phase_shifts += 1
@@ -437,8 +439,10 @@ def _phase_shift(phases: np.ndarray) -> float:
     arrives in device-sized chunks (often 10 ms), so with fast rendering frames are ready in a
     cluster of phases some ms wide; a tick inside that cluster takes every other frame one tick
     late (half the frames repeat, half go stale). Putting the ticks just after the cluster fixes
-    that and makes the wait for the tick, and so the latency, as short as it can be. When frames
-    are ready at all phases (rendering slower than a tick) there is nothing to align: no shift.
+    that and makes the wait for the tick, and so the latency, as short as it can be. The schedule
+    moves later as soon as frames come too close to a tick, but earlier only when that saves more
+    than PHASE_SLACK_S, so render-time jitter does not keep nudging it. When frames are ready at
+    all phases (rendering slower than a tick) there is nothing to align: no shift.
     """
     p = np.sort(phases)
     gaps = np.diff(np.append(p, p[0] + PERIOD_S))
@@ -447,7 +451,7 @@ def _phase_shift(phases: np.ndarray) -> float:
         return 0.0
     want = (p[i] + PHASE_MARGIN_S) % PERIOD_S  # a tick right after the cluster's last frame
     shift = want if want <= PERIOD_S / 2 else want - PERIOD_S
-    return shift if abs(shift) > 0.001 else 0.0
+    return shift if shift > 0.0005 or shift < -PHASE_SLACK_S else 0.0
 
 
 # ---- the entry points the CLI calls --------------------------------------------------------------
