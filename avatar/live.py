@@ -54,6 +54,7 @@ from avatar.camera import CameraBusyError, Sink
 from avatar.constants import FPS, FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from avatar.errors import AvatarError
 from avatar.mic import DelayedMic, Microphone
+from avatar.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -186,22 +187,70 @@ class _Once:
         return False
 
 
+class PipelineTicker:
+    """`tick(samples, render=)` over avatar.pipeline.Pipeline: motion for the block, and the frame
+    when asked and the look-ahead is full (else None)."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.lookahead_frames = pipeline.lookahead_frames
+
+    def tick(self, samples: np.ndarray, *, render: bool) -> np.ndarray | None:
+        motion = self.pipeline.motion_step(samples)
+        if not render or self.pipeline.ticks <= self.lookahead_frames:
+            return None
+        return self.pipeline.render(motion)
+
+    def reset(self) -> None:
+        self.pipeline.reset()
+
+
+class FrameTicker:
+    """The same `tick` over an engines.runtime FrameEngine (state kept by the back-end, e.g. on the
+    GPU), with the noise drawn exactly as avatar.pipeline.Pipeline draws it, so a seed gives the
+    same motion on every back-end."""
+
+    def __init__(self, frames, controls, *, seed: int = 0):
+        import torch
+
+        self._torch = torch
+        self.frames = frames
+        self.controls = controls
+        self.seed = seed
+        self.lookahead_frames = frames.lookahead_frames
+        self.n_noise = frames.n_noise
+        self.reset()
+
+    def reset(self) -> None:
+        self.frames.reset()
+        self.noise = self._torch.Generator().manual_seed(self.seed)
+        self.ticks = 0
+
+    def tick(self, samples: np.ndarray, *, render: bool) -> np.ndarray | None:
+        noise = self._torch.rand(1, self.n_noise, generator=self.noise)
+        self.ticks += 1
+        render = render and self.ticks > self.lookahead_frames
+        return self.frames.step(samples, self.controls, noise, render=render)
+
+
 class LiveDaemon:
     """Runs `pipeline` from `mic` onto the sinks at FPS until stopped.
 
+    pipeline: an avatar.pipeline.Pipeline, or a FrameTicker over an engines.runtime FrameEngine
+    (what run_live uses on CUDA, where the frame engine replays captured CUDA graphs).
     camera: an open camera sink (or None); reopen_camera: how to open it again after a failure
     (None: never retry). preview: a preview sink. idle_frame: sent until the first frame is rendered
     (the portrait). record: keep per-tick records for a benchmark (ticks of capacity).
     """
 
-    def __init__(self, pipeline, mic: Microphone, *, camera: Sink | None = None,
+    def __init__(self, pipeline: Pipeline | FrameTicker, mic: Microphone, *, camera: Sink | None = None,
                  reopen_camera: Callable[[], Sink] | None = None, preview: Sink | None = None,
                  delayed_mic: DelayedMic | None = None, idle_frame: np.ndarray | None = None,
                  gate: bool = True, retry_every_s: float = RETRY_EVERY_S, status_every_s: float = STATUS_EVERY_S,
                  on_status: Callable[[LiveStats], None] | None = None, record: int = 0):
         if camera is None and reopen_camera is None and preview is None:
             raise AvatarError("nothing to show the avatar on: use the virtual camera or --preview")
-        self.pipeline = pipeline
+        self.pipeline = PipelineTicker(pipeline) if isinstance(pipeline, Pipeline) else pipeline
         self.mic = mic
         self.camera = camera
         self.reopen_camera = reopen_camera
@@ -248,13 +297,12 @@ class LiveDaemon:
                 blocks = self.mic.read_blocks(max_blocks=MAX_CATCHUP_BLOCKS, timeout=0.1)
                 if not blocks:
                     continue
-                for block in blocks:
-                    motion = pipeline.motion_step(self._gated(block))
+                for i, block in enumerate(blocks):  # motion for every block, a frame for the newest
+                    frame = pipeline.tick(self._gated(block), render=i == len(blocks) - 1)
                 stats.motion_steps += len(blocks)
                 stats.speaking = blocks[-1].speaking
-                if pipeline.ticks <= pipeline.lookahead_frames:
+                if frame is None:  # the look-ahead is still filling
                     continue
-                frame = pipeline.render(motion)
                 stats.frames_rendered += 1
                 self._mailbox.put(_Frame(frame, blocks[-1].captured_at, blocks[-1].live, time.monotonic()))
                 if self._once.clear("render"):
@@ -474,7 +522,7 @@ def run_live(*, portrait: str | os.PathLike, controls, mic: str | int | None = N
     from avatar.camera import PreviewSink, open_camera
     from avatar.controls import controls_tensor
     from avatar.mic import find_device
-    from avatar.pipeline import Pipeline, load_engines
+    from avatar.pipeline import load_engines
     from avatar.rig import load_rig
 
     if not camera and not preview:
@@ -501,7 +549,12 @@ def run_live(*, portrait: str | os.PathLike, controls, mic: str | int | None = N
         engines = load_engines(audio_model=audio_model, motion_model=motion_model)
         backend = create_backend(runtime, engines=engines)
         log.info("live: engines on %s", backend.describe())
-        pipeline = Pipeline(backend.engines(engines), rig.inputs(), controls_tensor(controls), seed=controls.seed)
+        if backend.device.type == "cpu":  # the very Pipeline offline renders use
+            pipeline = PipelineTicker(Pipeline(backend.engines(engines), rig.inputs(), controls_tensor(controls),
+                                               seed=controls.seed))
+        else:  # on the GPU the frame engine keeps state on the device and replays CUDA graphs
+            pipeline = FrameTicker(backend.frame_engine(engines, rig.inputs()), controls_tensor(controls),
+                                   seed=controls.seed)
         warm_up(pipeline)
 
         delayed = stack.enter_context(DelayedMic(delayed_mic, backend=audio_backend)) if delayed_mic is not None else None
@@ -516,12 +569,12 @@ def run_live(*, portrait: str | os.PathLike, controls, mic: str | int | None = N
         return daemon.run(seconds=seconds)
 
 
-def warm_up(pipeline, *, ticks: int = 3) -> None:
-    """A few ticks of silence so first-call costs (allocations, lazy init) happen before going live,
-    then back to a fresh state."""
+def warm_up(pipeline: PipelineTicker | FrameTicker, *, ticks: int = 3) -> None:
+    """A few ticks of silence so first-call costs (allocations, lazy init, graph capture) happen
+    before going live, then back to a fresh state."""
     silence = np.zeros(SAMPLES_PER_FRAME, dtype=np.float32)
-    for _ in range(ticks):
-        pipeline.render(pipeline.motion_step(silence))
+    for _ in range(ticks + pipeline.lookahead_frames):
+        pipeline.tick(silence, render=True)
     pipeline.reset()
 
 

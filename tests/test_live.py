@@ -214,6 +214,35 @@ def test_render_falling_far_behind_drops_stale_audio():
     assert after.size > 20 and np.median(after) <= 60.0  # ...so latency is back to normal after the stall
 
 
+def test_frame_engine_ticker_matches_the_pipeline():
+    """run_live drives a FrameEngine on CUDA: same noise, same motion, same frames as Pipeline."""
+    from avatar.controls import N_CONTROLS
+    from avatar.live import FrameTicker, PipelineTicker
+    from engines.runtime import FrameEngine
+
+    class NoisyGenerator(MarkGenerator):
+        N_NOISE = 3
+
+        def forward(self, features, controls, noise, count):
+            return torch.cat([features[:, 1:2], noise[:, 2:3]], 1), count + 1
+
+    def engines():
+        return Engines(MarkEncoder(), NoisyGenerator(), MarkDecoder())
+
+    image = (torch.arange(512 * 512 * 3) % 251).to(torch.uint8).reshape(1, 512, 512, 3)
+    controls = torch.zeros(1, N_CONTROLS)
+    a = PipelineTicker(Pipeline(engines(), (image,), controls, seed=5))
+    b = FrameTicker(FrameEngine(engines(), (image,)), controls, seed=5)
+    audio = sawtooth(1)
+    for k in range(12):
+        block = audio[k * SAMPLES_PER_FRAME:(k + 1) * SAMPLES_PER_FRAME]
+        fa, fb = a.tick(block, render=k % 3 != 1), b.tick(block, render=k % 3 != 1)
+        assert (fa is None) == (fb is None) == (k == 0 or k % 3 == 1)
+        if fa is not None:
+            np.testing.assert_array_equal(fa, fb)
+            assert fa[0, 1, 0] > 0  # the noise reached the frame
+
+
 # ---- voice activity gate ---------------------------------------------------------------------------
 
 def test_gate_silences_the_encoder_while_idle():
