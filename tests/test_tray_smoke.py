@@ -144,6 +144,26 @@ def test_live_handle_reports_missing_microphone_and_camera(voice, rig_cache):
         handle.stop()
 
 
+def test_preview_process_without_a_display_turns_itself_off(monkeypatch):
+    from tray.preview import PreviewProcess
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    reasons = []
+    preview = PreviewProcess(True, reasons.append)
+    frame = np.zeros(FRAME_SHAPE, np.uint8)
+    end = time.monotonic() + 60
+    while not reasons and time.monotonic() < end:  # the pacing thread's calls: never blocking
+        t = time.monotonic()
+        preview.send(frame)
+        assert time.monotonic() - t < 0.1
+        time.sleep(0.025)
+    assert reasons == ["--preview needs a display (DISPLAY is not set)"]
+    assert not preview.want
+    preview.send(frame)  # off: no new window process
+    assert preview._proc is None
+
+
 # ---- 2. the real tray icon and menu under Xvfb --------------------------------------------------------
 
 TOOLS = {"Xvfb": "xvfb", "xdotool": "xdotool", "import": "imagemagick", "trayer": "trayer",
@@ -241,7 +261,7 @@ def test_tray_menu_under_xvfb_switches_mood(tmp_path):
 
         def icon_window() -> str:
             assert app.poll() is None, f"the tray app exited:\n{output()}"
-            ids = session.xdotool("search", "--onlyvisible", "--name", "^vasa-avatar$").split()
+            ids = session.xdotool("search", "--onlyvisible", "--classname", "^vasa-avatar$").split()
             return ids[0] if ids else ""
 
         icon = wait_for(icon_window, 120, "the tray icon to dock in trayer")

@@ -8,6 +8,8 @@ switches for controls, portrait, pause and preview that take effect between fram
   Pipeline.set_rig between two frames. The camera is never reopened; no tick goes without a frame.
 - Pause keeps the camera fed with a still of the portrait wearing the "AI · PAUSED" badge; the
   decoder is skipped meanwhile and the motion generator keeps running, so resuming is seamless.
+- The preview window runs in a process of its own (tray/preview.py): OpenCV's window crashes in a
+  worker thread of a process whose main thread runs GTK.
 - Start-up problems do not end it: a missing microphone is looked for again every MIC_RETRY_S; a
   missing or busy camera is retried by LiveDaemon every 2 s while the preview window works.
 """
@@ -26,6 +28,7 @@ import numpy as np
 from avatar.errors import AvatarError
 from tray import log_path
 from tray.menu import DaemonStatus
+from tray.preview import PreviewProcess
 
 log = logging.getLogger("tray")
 
@@ -83,44 +86,6 @@ def paused_frame(image: np.ndarray) -> np.ndarray:
     return Badge(paused=True, frame_size=frame.shape[0]).apply(frame)
 
 
-class _LazyPreview:
-    """A preview-window sink that opens and closes the real window on the daemon's pacing thread
-    (OpenCV windows belong to the thread that made them) as the tray switches it."""
-
-    name = "preview window"
-    closed = False  # never: LiveDaemon drops a closed preview for good, this one comes and goes
-
-    def __init__(self, want: bool, on_closed: Callable[[str | None], None]):
-        self.want = want
-        self.on_closed = on_closed
-        self._sink = None
-
-    def send(self, frame: np.ndarray) -> None:
-        try:
-            if self.want and self._sink is None:
-                from avatar.camera import PreviewSink
-
-                self._sink = PreviewSink()
-            if not self.want:
-                self.close()
-                return
-            self._sink.send(frame)
-            if self._sink.closed:  # the user closed the window
-                self._off(None)
-        except Exception as e:  # no display, a window error: turn it off and say so once
-            self._off(str(e) if isinstance(e, AvatarError) else f"preview window failed ({e})")
-
-    def _off(self, reason: str | None) -> None:
-        self.want = False
-        self.close()
-        self.on_closed(reason)
-
-    def close(self) -> None:
-        sink, self._sink = self._sink, None
-        if sink is not None:
-            sink.close()
-
-
 class LiveHandle:
     """The live daemon (avatar.live.LiveDaemon) run on background threads with the switches the
     tray needs: controls, portrait, pause and preview change while it runs; the camera stays open.
@@ -142,7 +107,7 @@ class LiveHandle:
         self.audio_backend = audio_backend
         self.torch_threads = torch_threads
         self._paused = paused
-        self._preview = _LazyPreview(preview, on_preview_closed)
+        self._preview = PreviewProcess(preview, on_preview_closed)
         self._pipeline: _TrayPipeline | None = None
         self._daemon = None
         self._state = DaemonStatus("starting")
