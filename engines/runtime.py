@@ -92,7 +92,8 @@ def create_backend(name: str = "auto", *, engines: "Engines | None" = None, **op
 
 
 def _auto_backend(engines, options: dict[str, Any]) -> "Backend":
-    if torch.cuda.is_available():
+    wants_cpu = options.get("device") is not None and torch.device(options["device"]).type == "cpu"
+    if torch.cuda.is_available() and not wants_cpu:
         try:
             backend = TensorRTBackend(**{k: v for k, v in options.items() if k in ("device", "plan_dir")})
             if engines is not None:
@@ -243,6 +244,7 @@ class _CudaFrameEngine(FrameEngine):
     """
 
     RING = 2  # frames in flight: the caller may hold one pending frame while submitting the next
+    # (with timing=True, stage_ms describes the last frame waited for; use step() when timing)
 
     def __init__(self, engines, rig_inputs, *, device: torch.device, timing: bool = False, cuda=None):
         from avatar.motion import N_CHANNELS

@@ -125,6 +125,7 @@ def test_auto_with_cuda_but_no_plans_falls_back_to_torch_cuda(monkeypatch, tmp_p
     backend = rt.create_backend("auto", plan_dir=tmp_path)
     assert backend.name == "torch" and backend.device.type == "cuda"
     assert "build_engines.py" in caplog.text
+    assert rt.create_backend("auto", device="cpu").device.type == "cpu"  # asked for the CPU: no GPU choice
 
 
 # ---- torch and onnxruntime against the reference ----------------------------------------------------
@@ -215,7 +216,11 @@ def test_engines_create_no_tensors_off_their_device(engines, rig, controls):
             out = (out,) if isinstance(out, torch.Tensor) else out
             assert all(o.device == meta for o in out)
         except (RuntimeError, AssertionError) as e:
-            failures[name] = str(e).splitlines()[0]
+            import traceback
+
+            where = [f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in traceback.extract_tb(e.__traceback__)
+                     if "/engines/" in f.filename]
+            failures[name] = f"{str(e).splitlines()[0]} at {where[-1] if where else '?'}"
     assert not failures, failures
 
 
