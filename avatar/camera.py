@@ -101,7 +101,7 @@ def _pyvirtualcam():
 def list_camera_backends() -> list[str]:
     """pyvirtualcam backends available in this process (built-in for this OS plus registered ones)."""
     try:
-        pyvirtualcam = _pyvirtualcam()
+        _pyvirtualcam()
     except AvatarError:
         return []
     from pyvirtualcam import camera as _camera

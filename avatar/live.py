@@ -1,11 +1,12 @@
 """The live daemon: the microphone drives the "VASA Avatar" virtual camera in real time.
 
-    mic callback ─► ring ─► [render thread] read_blocks ─► gate ─► Pipeline.motion_step (every block)
-                                              └► delayed mic          └► Pipeline.render (newest only)
+    mic callback ─► ring ─► [render thread] read_blocks ─► gate ─► encoder + generator (every block)
+                                              └► delayed mic          └► decoder (newest block only)
                                                                                │ latest-frame mailbox
     [pacing thread, the caller's] every 25 ms on a monotonic deadline ◄────────┘ ─► camera, preview
 
-- Same `Pipeline` as offline. The render thread is paced by audio arrival: each 400-sample block goes
+- Same `Pipeline` as offline on the CPU (on CUDA the runtime's FrameEngine, which keeps the state on
+  the GPU; same engines, same noise). The render thread is paced by audio arrival: each block goes
   through the encoder and generator (so blink timers, breathing and the encoder's history see every
   25 ms of time), but only the newest block's motion is rendered. When rendering is slower than
   25 ms the render thread therefore renders every 2nd or 3rd block, and when it is far behind the
@@ -21,10 +22,11 @@
   block fed last; the face shows audio `lookahead_frames` earlier, see `av_offset_ms`) to the moment
   it is handed to the camera. p50/p95 over the last 10 s are logged every few seconds.
 - Voice activity gates the encoder's input: while webrtcvad (smoothed, see avatar/mic.py) says idle,
-  the encoder hears silence (faded over one 25 ms block), so keyboard clicks, fans or music do not
-  move the lips and the generator's own silence behaviour (breathing, blinks, gaze) runs; while it
-  says speaking, the audio passes unchanged. `gate=False` feeds everything and leaves speech
-  detection to the generator alone.
+  the encoder hears silence (faded over one 25 ms block), so room noise and hum do not move the lips
+  and the generator's own silence behaviour (breathing, blinks, gaze) runs; while it says speaking,
+  the audio passes unchanged (a word's first 30-50 ms, before the detector is sure, are faded in).
+  webrtcvad calls keyboard clicks speech (~70 ms each), so typing does pass the gate. `gate=False`
+  feeds everything and leaves speech detection to the generator alone.
 - Faults never end the loop: a lost microphone is idle animation on silence with a reopen every
   2 s; a camera that fails is closed and reopened every 2 s while the preview (if any) carries on;
   an engine exception is logged once and the last frame keeps going out. SIGINT/SIGTERM stop the
@@ -44,7 +46,7 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
