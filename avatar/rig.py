@@ -775,7 +775,7 @@ def build_rig(portrait) -> Rig:
         fixed = fixed[np.linspace(0, len(fixed) - 1, 40).round().astype(int)]
     fixed = fixed.astype(np.float64)
     n_fixed, n_ring = len(fixed), len(ring)
-    budget = fd.N_CTRL - n_fixed - n_ring
+    budget = fd.N_CTRL - fd.N_ANCHORS - n_fixed - n_ring
     min_gap = CTRL_MIN_GAP_FW * fw
     # every landmark row we keep, and whether it enters the TPS (coincident points do not)
     chosen: list[int] = []
@@ -864,10 +864,14 @@ def build_rig(portrait) -> Rig:
     left, right = np.r_[lm[78, :2], z_teeth], np.r_[lm[308, :2], z_teeth]
     above = np.r_[mc[:2] - 0.3 * fw * frame.ey, z_teeth]
     below = np.r_[mc[:2] + 0.3 * fw * frame.ey, z_teeth]
-    eyes_mid = lm[[33, 133, 263, 362]].mean(0)
-    anchor_xyz = np.stack([mc, left, right, above, left, right, below, eyes_mid])
-    anchor_jaw = np.array([0.5, 0, 0, 0, 1, 1, 1, 0], dtype=np.float64)
+    eye_r = lm[[33, 133]].mean(0)
+    eye_l = lm[[263, 362]].mean(0)
+    anchor_xyz = np.stack([mc, left, right, above, left, right, below, eye_r, eye_l])
+    anchor_jaw = np.array([0.5, 0, 0, 0, 1, 1, 1, 0, 0], dtype=np.float64)
     assert len(anchor_xyz) == fd.N_ANCHORS
+    # anchors are the control set's last rows: moved like the rest, outside every operator
+    xyz[fd.N_CTRL - fd.N_ANCHORS:] = anchor_xyz
+    jaw[fd.N_CTRL - fd.N_ANCHORS:] = anchor_jaw
 
     # -- mouth: source crop, its TPS operator, layers, and where upper/lower may differ
     mx0 = int(round(mc[0] - fd.MOUTH_SRC_W / 2))
@@ -894,7 +898,7 @@ def build_rig(portrait) -> Rig:
         irises.append(refine_iris(lum, iris[0], float(np.mean(np.linalg.norm(iris[1:] - iris[0], axis=1))),
                                   opening.astype(bool)))
     eye_frame, eye_lids = eye_geometry(lm, fw, irises)
-    ec = anchor_xyz[7, :2]
+    ec = (eye_r[:2] + eye_l[:2]) / 2
     ex0 = int(round(ec[0] - fd.EYES_SRC_W / 2))
     ey0 = int(round(ec[1] - fd.EYES_SRC_H / 2))
     epad = max(0, -ex0, -ey0, ex0 + fd.EYES_SRC_W - size, ey0 + fd.EYES_SRC_H - size)
@@ -940,8 +944,6 @@ def build_rig(portrait) -> Rig:
         "main_operator": f32(op),
         "window_origin": f32([x0, y0]),
         "window_grid": f32(window_grid[None]),
-        "anchor_xyz": f32(anchor_xyz),
-        "anchor_jaw": f32(anchor_jaw),
         "mouth_operator": f32(mouth_op),
         "mouth_src_origin": f32([mx0, my0]),
         "mouth_layers": f32(np.stack([
@@ -955,7 +957,8 @@ def build_rig(portrait) -> Rig:
         "eye_frame": f32(eye_frame),
         "eye_lids": f32(eye_lids),
         "eye_src_origin": f32([ex0, ey0]),
-        "eye_layers": f32(np.stack([np.dstack([eye_ball, np.ones(eye_ball.shape[:2])]), eye_iris]).transpose(0, 3, 1, 2)),
+        "eye_ball": f32(eye_ball.transpose(2, 0, 1)[None]),
+        "eye_iris": f32(eye_iris.transpose(2, 0, 1)[None]),
     }
     rig = Rig(image=photo.clone(), landmarks=f32(portrait.landmarks), engine=engine)
     rig.check()

@@ -41,10 +41,12 @@ from avatar.constants import FRAME_SIZE
 from avatar.motion import INDEX, N_CHANNELS
 
 WIN = 448  # head window side, px, 1:1 with the frame
-STEP = 8  # coarse node spacing of the backward maps, px
-GRID = WIN // STEP  # 56 nodes per side; node k sits at pixel STEP * k + (STEP - 1) / 2
-N_CTRL = 256  # control points, padded with inert zeros
-NEWTON_ITERS = 4  # backward-map iterations (guarded Newton), starting from the identity
+STEP = 16  # node spacing of the head window's map, px (the head's motion is smooth)
+GRID = WIN // STEP  # 28 nodes per side; node k sits at pixel STEP * k + (STEP - 1) / 2
+SUB_STEP = 8  # node spacing of the mouth and eye windows' maps, px
+N_CTRL = 256  # control points, padded with inert zeros; the last N_ANCHORS are anchors
+N_ANCHORS = 9  # rigid points: mouth centre, skull triangle (3), mandible triangle (3), two eye centres
+NEWTON_ITERS = 3  # backward-map iterations (guarded Newton), starting from the identity
 NEWTON_MAX_STEP_PX = 12.0  # a longer step is shortened (the map may fold)
 ALPHA_RAMP_PX = 1.5  # backward shift (px) over which the person layer switches to alpha compositing
 JAW_MAX_DEG = 13.0  # jaw_open = 1: the mandible's rotation about the hinge
@@ -56,13 +58,12 @@ MOUTH_SRC_STEP = 8  # node spacing of the lip fields on the source crop
 MOUTH_LAYERS = 4  # upper lip, lower lip, upper teeth, lower teeth (see RIG_INPUTS)
 LIP_FEATHER_PX = 1.5  # a moving lip's inner edge fades over this many (source) px into the mouth
 
-EYES_W, EYES_H = 224, 72  # eye window (both eyes), px; it follows the eyes on screen
-EYES_SRC_W, EYES_SRC_H = 288, 112  # source crop of the eye layers, px
+EYE_W, EYE_H = 96, 64  # one window per eye, px; each follows its eye on screen
+EYES_SRC_W, EYES_SRC_H = 288, 112  # source crop of the eye layers (both eyes), px
 LID_FEATHER_PX = 1.0  # the eye opening fades over this many px, inside the opening
 BLINK_CLOSURE = 0.62  # closed lids meet this far down the opening (slightly below the middle)
 EYEBALL_RADIUS_IRIS = 2.2  # eyeball radius in iris radii: how far the iris travels per degree
 
-N_ANCHORS = 8  # rigid points: mouth centre, skull triangle (3), mandible triangle (3), eyes centre
 N_PIX = FRAME_SIZE * FRAME_SIZE
 N_WIN = WIN * WIN
 _MGW, _MGH = MOUTH_SRC_W // MOUTH_SRC_STEP, MOUTH_SRC_H // MOUTH_SRC_STEP
@@ -80,21 +81,20 @@ RIG_INPUTS: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = (
     # its pixel centres in the frame
     ("window_origin", (2,), torch.float32),
     ("window_grid", (1, WIN, WIN, 2), torch.float32),
-    # control points: source x, y, z in frame px (z toward the viewer is negative)
+    # control points: source x, y, z in frame px (z toward the viewer is negative). The last
+    # N_ANCHORS rows are anchors, moved like the rest but outside every warp operator: the mouth
+    # centre, a skull and a mandible triangle (the teeth ride them), the two eye centres
     ("ctrl_xyz", (N_CTRL, 3), torch.float32),
     # each control point's displacement per unit of each motion channel (px; head rows zero)
     ("ctrl_basis", (N_CHANNELS, N_CTRL, 3), torch.float32),
     # how much each control point follows the mandible, 0..1
     ("ctrl_jaw", (N_CTRL,), torch.float32),
-    # anchors (rigid, no expression) and how much each follows the mandible
-    ("anchor_xyz", (N_ANCHORS, 3), torch.float32),
-    ("anchor_jaw", (N_ANCHORS,), torch.float32),
     # jaw hinge and neck pivot (x, y, z px), face width (px)
     ("jaw_hinge", (3,), torch.float32),
     ("head_pivot", (3,), torch.float32),
     ("face_width", (1,), torch.float32),
-    # TPS operator to the head window's coarse nodes, faded to zero on the still body; the inner
-    # lips are left out of it (where the lips part the mouth layers take over)
+    # TPS operator to the head window's nodes, faded to zero on the still body; the inner lips
+    # are left out of it (where the lips part the mouth layers take over)
     ("main_operator", (GRID * GRID, N_CTRL), torch.float32),
     # TPS operators to the mouth crop's nodes: [upper lip's field, without the lower lip;
     # lower lip's field, without the upper lip], so neither folds where the lips part
@@ -121,10 +121,11 @@ RIG_INPUTS: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = (
     # per eye, upper and lower lid margins: v (px, down the eye's normal) as quartics in
     # sigma = u / half-width, coefficients from sigma^0 up
     ("eye_lids", (2, 2, 5), torch.float32),
-    # the eyes' source crop: top-left pixel in the frame (x, y) and two layers: the eyeballs with
-    # the irises removed (sclera filled, RGB, 1) and the irises as full discs (straight RGBA)
+    # the eyes' source crop: top-left pixel in the frame (x, y); the eyeballs with the irises
+    # removed (sclera filled, RGB) and the irises as full discs (straight RGBA)
     ("eye_src_origin", (2,), torch.float32),
-    ("eye_layers", (2, 4, EYES_SRC_H, EYES_SRC_W), torch.float32),
+    ("eye_ball", (1, 3, EYES_SRC_H, EYES_SRC_W), torch.float32),
+    ("eye_iris", (1, 4, EYES_SRC_H, EYES_SRC_W), torch.float32),
 )
 RIG_INPUT_NAMES: tuple[str, ...] = tuple(name for name, _, _ in RIG_INPUTS)
 
@@ -199,7 +200,7 @@ def invert_field(forward: Tensor, nodes: Tensor, origin: Tensor, inv_extent: Ten
     field = _with_gradient(forward, step)
     x = nodes
     best, best_err = nodes, torch.full_like(nodes[..., :1], 3.0e38)
-    for i in range(NEWTON_ITERS + 1):
+    for i in range(NEWTON_ITERS + 1):  # the last pass only scores the last step
         s = F.grid_sample(field, (x - origin + 0.5) * inv_extent - 1.0, mode="bilinear",
                           padding_mode="border", align_corners=False).permute(0, 2, 3, 1)
         r = x + s[..., 0:2] - nodes
@@ -223,14 +224,23 @@ def invert_field(forward: Tensor, nodes: Tensor, origin: Tensor, inv_extent: Ten
     return best
 
 
-def _affine_backward(source: Tensor, moved: Tensor, points: Tensor) -> Tensor:
-    """The affine map taking 3 moved points back to their sources, applied to points (..., 2).
-    source, moved: (3, 2) px. Explicit 2x2 inverse (exports everywhere)."""
+def _affine(source: Tensor, moved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The affine map taking 3 moved points back to their sources: (matrix (2, 2), moved[0],
+    source[0]) for _apply. source, moved: (3, 2) px. Explicit 2x2 inverse (exports everywhere)."""
     s = (source[1:] - source[0]).T  # (2, 2), columns are edge vectors
     o = (moved[1:] - moved[0]).T
     det = o[0, 0] * o[1, 1] - o[0, 1] * o[1, 0]
     o_inv = torch.stack([o[1, 1], -o[0, 1], -o[1, 0], o[0, 0]]).view(2, 2) / det
-    return source[0] + (points - moved[0]) @ (s @ o_inv).T
+    return s @ o_inv, moved[0], source[0]
+
+
+def _apply(affine: tuple[Tensor, Tensor, Tensor], points: Tensor) -> Tensor:
+    """An _affine map applied to points (..., 2), as two fused multiply-adds per coordinate."""
+    b, o, s = affine
+    p = points - o
+    x = p[..., 0:1] * b[0, 0] + p[..., 1:2] * b[0, 1]
+    y = p[..., 0:1] * b[1, 0] + p[..., 1:2] * b[1, 1]
+    return torch.cat([x, y], dim=-1) + s
 
 
 def _nodes(w: int, h: int, step: int) -> Tensor:
@@ -274,22 +284,24 @@ class FaceDecoder(nn.Module):
     def __init__(self):
         super().__init__()
         buf = lambda name, t: self.register_buffer(name, t, persistent=False)  # noqa: E731
-        wn, mn, en = _nodes(WIN, WIN, STEP), _nodes(MOUTH_W, MOUTH_H, STEP), _nodes(EYES_W, EYES_H, STEP)
-        self.n_win, self.n_mouth = wn.shape[0] * wn.shape[1], mn.shape[0] * mn.shape[1]
-        self.mouth_grid, self.eyes_grid = mn.shape[:2], en.shape[:2]
+        wn = _nodes(WIN, WIN, STEP)
+        mn = _nodes(MOUTH_W, MOUTH_H, SUB_STEP)
+        en = _nodes(EYE_W, EYE_H, SUB_STEP)
+        self.n_win, self.n_mouth, self.n_eye = wn.shape[0] * wn.shape[1], mn.shape[0] * mn.shape[1], en.shape[0] * en.shape[1]
+        self.mouth_grid, self.eye_grid = mn.shape[:2], en.shape[:2]
         buf("window_nodes", wn.reshape(1, 1, -1, 2))
         buf("mouth_nodes", mn.reshape(1, 1, -1, 2))
-        buf("eyes_nodes", en.reshape(1, 1, -1, 2))
+        buf("eye_nodes", en.reshape(1, 1, -1, 2))
         buf("mouth_pixels", _nodes(MOUTH_W, MOUTH_H, 1)[None])
+        buf("eye_pixels", _nodes(EYE_W, EYE_H, 1)[None])
         buf("window_pixel_grid", _pixel_grid(WIN, WIN))
         buf("mouth_pixel_grid", _pixel_grid(MOUTH_W, MOUTH_H))
-        buf("eyes_pixel_grid", _pixel_grid(EYES_W, EYES_H))
-        buf("eyes_pixels", _nodes(EYES_W, EYES_H, 1)[None])
+        buf("eye_pixel_grid", _pixel_grid(EYE_W, EYE_H))
         # lip maps fade into the main map over the mouth window's outer 20 px
         d = torch.minimum(torch.minimum(mn[..., 0], MOUTH_W - 1 - mn[..., 0]),
                           torch.minimum(mn[..., 1], MOUTH_H - 1 - mn[..., 1]))
         buf("mouth_edge", _smoothstep(d / 20.0).reshape(1, 1, -1, 1))
-        for name, (w, h) in (("mouth", (MOUTH_W, MOUTH_H)), ("eyes", (EYES_W, EYES_H))):
+        for name, (w, h) in (("mouth", (MOUTH_W, MOUTH_H)), ("eye", (EYE_W, EYE_H))):
             iy, ix = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
             buf(f"{name}_index", (iy * WIN + ix).reshape(1, -1).expand(3, -1).contiguous())
         buf("inv_win", torch.tensor([2.0 / WIN, 2.0 / WIN]))
@@ -298,29 +310,30 @@ class FaceDecoder(nn.Module):
         buf("inv_frame", torch.tensor([2.0 / FRAME_SIZE, 2.0 / FRAME_SIZE]))
         buf("mouth_at", torch.tensor([MOUTH_ANCHOR_AT[0] * MOUTH_W, MOUTH_ANCHOR_AT[1] * MOUTH_H]))
         buf("mouth_room", torch.tensor([float(WIN - MOUTH_W), float(WIN - MOUTH_H)]))
-        buf("eyes_at", torch.tensor([0.5 * EYES_W, 0.5 * EYES_H]))
-        buf("eyes_room", torch.tensor([float(WIN - EYES_W), float(WIN - EYES_H)]))
+        buf("eye_at", torch.tensor([0.5 * EYE_W, 0.5 * EYE_H]))
+        buf("eye_room", torch.tensor([float(WIN - EYE_W), float(WIN - EYE_H)]))
 
     def forward(self, motion: Tensor, photo_rgbm: Tensor, photo_u8: Tensor, window_background: Tensor,
                 frame_source: Tensor, window_origin: Tensor, window_grid: Tensor, ctrl_xyz: Tensor,
-                ctrl_basis: Tensor, ctrl_jaw: Tensor, anchor_xyz: Tensor, anchor_jaw: Tensor,
-                jaw_hinge: Tensor, head_pivot: Tensor, face_width: Tensor, main_operator: Tensor,
-                mouth_operator: Tensor, mouth_src_origin: Tensor, mouth_layers: Tensor, mouth_blend: Tensor,
-                cavity_rgb: Tensor, eye_frame: Tensor, eye_lids: Tensor, eye_src_origin: Tensor,
-                eye_layers: Tensor) -> Tensor:
-        pose = (jaw_hinge, head_pivot, face_width)
-        displacement = move_points(motion, ctrl_xyz, ctrl_basis, ctrl_jaw, *pose)[:, :2]  # (K, 2)
-        anchors = anchor_xyz[:, :2] + move_points(motion, anchor_xyz, None, anchor_jaw, *pose)[:, :2]
-        mouth_origin = _window_origin(anchors[0], self.mouth_at, window_origin, window_origin + self.mouth_room)
-        eyes_origin = _window_origin(anchors[7], self.eyes_at, window_origin, window_origin + self.eyes_room)
+                ctrl_basis: Tensor, ctrl_jaw: Tensor, jaw_hinge: Tensor, head_pivot: Tensor,
+                face_width: Tensor, main_operator: Tensor, mouth_operator: Tensor, mouth_src_origin: Tensor,
+                mouth_layers: Tensor, mouth_blend: Tensor, cavity_rgb: Tensor, eye_frame: Tensor,
+                eye_lids: Tensor, eye_src_origin: Tensor, eye_ball: Tensor, eye_iris: Tensor) -> Tensor:
+        displacement = move_points(motion, ctrl_xyz, ctrl_basis, ctrl_jaw, jaw_hinge, head_pivot,
+                                   face_width)[:, :2]  # (K, 2) px
+        anchor_src = ctrl_xyz[N_CTRL - N_ANCHORS:, :2]
+        anchors = anchor_src + displacement[N_CTRL - N_ANCHORS:]  # where they are now
+        high = window_origin + self.mouth_room
+        mouth_origin = _window_origin(anchors[0], self.mouth_at, window_origin, high)
+        eye_origin = _window_origin(anchors[7:9], self.eye_at, window_origin, window_origin + self.eye_room)  # (2, 2)
 
-        # -- the main map at every coarse node of every window, in one inversion
+        # -- the main map at every node of every window, in one inversion
         main_forward = (main_operator @ displacement).T.reshape(1, 2, GRID, GRID)
         nodes = torch.cat([self.window_nodes + window_origin, self.mouth_nodes + mouth_origin,
-                           self.eyes_nodes + eyes_origin], dim=2)  # (1, 1, N, 2) frame px
+                           self.eye_nodes + eye_origin[0], self.eye_nodes + eye_origin[1]], dim=2)  # (1, 1, N, 2)
         main_shift = invert_field(main_forward, nodes, window_origin, self.inv_win, STEP) - nodes
-        win_shift, mouth_shift, eyes_shift = torch.split(
-            main_shift, [self.n_win, self.n_mouth, main_shift.shape[2] - self.n_win - self.n_mouth], dim=2)
+        win_shift, mouth_shift, eye_shift = torch.split(
+            main_shift, [self.n_win, self.n_mouth, 2 * self.n_eye], dim=2)
 
         # -- head window: the person through the main map, over the still background
         moved = (win_shift.abs().sum(-1, keepdim=True) * (1.0 / ALPHA_RAMP_PX)).clamp(max=1.0)
@@ -330,32 +343,34 @@ class FaceDecoder(nn.Module):
                                 padding_mode="border", align_corners=False)  # (1, 4, WIN, WIN)
         # where the map has moved, the person's mask decides between person and background; where
         # it has not (all of it at neutral) the photo shows as it is
-        alpha = 1.0 - (1.0 - sampled[:, 3:4]) * dense[..., 2:3].permute(0, 3, 1, 2)
+        alpha = (sampled[:, 3:4] - 1.0).mul_(dense[..., 2:3].permute(0, 3, 1, 2)).add_(1.0)
         window = torch.lerp(window_background, sampled[:, 0:3], alpha).view(3, N_WIN)
 
-        mouth = self._mouth(displacement, anchor_xyz[:, :2], anchors, mouth_origin, mouth_shift, mouth_operator,
+        mouth = self._mouth(displacement, anchor_src, anchors, mouth_origin, mouth_shift, mouth_operator,
                             mouth_src_origin, mouth_layers, mouth_blend, cavity_rgb)
-        eyes = self._eyes(motion, eyes_origin, eyes_shift, photo_rgbm, eye_frame, eye_lids, eye_src_origin,
-                          eye_layers)
+        eyes, eye_weight = self._eyes(motion, eye_origin, eye_shift, photo_rgbm, eye_frame, eye_lids,
+                                      eye_src_origin, eye_ball, eye_iris)
         # each sub-window blends into the head window by its own weight (1 where its layers differ
-        # from the main map's rendering), so the person/background compositing and everything
-        # else stay the head window's
+        # from the main map's rendering), so the person/background compositing stays the head
+        # window's; one after another, so windows may overlap
         for (image, weight), origin, index in ((mouth, mouth_origin, self.mouth_index),
-                                               (eyes, eyes_origin, self.eyes_index)):
+                                               ((eyes[0], eye_weight[0]), eye_origin[0], self.eye_index),
+                                               ((eyes[1], eye_weight[1]), eye_origin[1], self.eye_index)):
             offset = (origin - window_origin).to(torch.int64)
             index = index + (offset[1] * WIN + offset[0])
             under = window.gather(1, index)
             window.scatter_(1, index, torch.lerp(under, image.reshape(3, -1), weight.reshape(1, -1)))
 
         # every layer is a convex blend of 0..255 values, so rounding needs no clamp
-        window_u8 = window.T.round().to(torch.uint8)  # (N_WIN, 3)
+        window_u8 = window.round().to(torch.uint8).T  # (N_WIN, 3)
         frame = torch.cat([photo_u8, window_u8], dim=0).index_select(0, frame_source)
         return frame.view(1, FRAME_SIZE, FRAME_SIZE, 3)
 
     def _mouth(self, displacement: Tensor, anchor_src: Tensor, anchors: Tensor, origin: Tensor,
                main_shift: Tensor, operator: Tensor, src_origin: Tensor, layers: Tensor, blend: Tensor,
-               cavity_rgb: Tensor) -> Tensor:
+               cavity_rgb: Tensor) -> tuple[Tensor, Tensor]:
         """The mouth window (1, 3, MOUTH_H, MOUTH_W) and its blend weight (1, 1, MOUTH_H, MOUTH_W)."""
+        gh, gw = self.mouth_grid
         nodes = self.mouth_nodes + origin  # (1, 1, n, 2) frame px
         main = nodes + main_shift
         forward = (operator @ displacement).permute(0, 2, 1).reshape(2, 2, _MGH, _MGW)
@@ -364,38 +379,43 @@ class FaceDecoder(nn.Module):
         beta = F.grid_sample(blend, (main - src_origin + 0.5) * self.inv_mouth_src - 1.0, mode="bilinear",
                              padding_mode="border", align_corners=False).permute(0, 2, 3, 1) * self.mouth_edge
         lips = main + beta * (lips - main)  # (2, 1, n, 2)
-        gh, gw = self.mouth_grid
-        weight = _upsample(beta.view(1, gh, gw, 1), self.mouth_pixel_grid).permute(0, 3, 1, 2)
-        # teeth are rigid: the upper set rides the skull, the lower set the mandible (affine maps
-        # are exact under bilinear upsampling, so they too are taken at the nodes)
-        teeth = torch.stack([_affine_backward(anchor_src[1:4], anchors[1:4], nodes[0]),
-                             _affine_backward(anchor_src[4:7], anchors[4:7], nodes[0])])
-        shift = (torch.cat([lips, teeth], dim=0) - nodes) * self.inv_mouth_src  # (4, 1, n, 2)
+        # teeth are rigid: the upper set rides the skull, the lower set the mandible (affine maps,
+        # evaluated per pixel directly)
+        skull = _affine(anchor_src[1:4], anchors[1:4])
+        mandible = _affine(anchor_src[4:7], anchors[4:7])
+        teeth_nodes = torch.stack([_apply(skull, nodes[0]), _apply(mandible, nodes[0])])  # (2, 1, n, 2)
         # how far each lip has slid over its teeth (px, up to 1): the lips' inner edges soften with
         # it, and are hard, exactly the photo's, while the lips have not moved
-        slide = ((lips - teeth).abs().sum(-1, keepdim=True)).clamp(max=1.0)  # (2, 1, n, 1)
-        slide = torch.cat([slide, slide], dim=0)  # per layer; the teeth layers ignore theirs
-        dense = _upsample(torch.cat([shift, slide], dim=-1).view(MOUTH_LAYERS, gh, gw, 3), self.mouth_pixel_grid)
-        grid = dense[..., 0:2] + ((self.mouth_pixels + origin - src_origin + 0.5) * self.inv_mouth_src - 1.0)
+        slide = (lips - teeth_nodes).abs().sum(-1, keepdim=True).clamp(max=1.0)
+        coarse = torch.cat([(lips - nodes) * self.inv_mouth_src, slide], dim=-1).view(2, gh, gw, 3)
+        dense = _upsample(coarse, self.mouth_pixel_grid)  # (2, H, W, 3)
+        pixels = self.mouth_pixels + origin
+        base = (pixels - src_origin + 0.5) * self.inv_mouth_src - 1.0
+        teeth = torch.stack([_apply(skull, pixels[0]), _apply(mandible, pixels[0])])
+        grid = torch.cat([dense[..., 0:2] + base, (teeth - src_origin + 0.5) * self.inv_mouth_src - 1.0], dim=0)
         s = F.grid_sample(layers, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        # (2, 1, H, W) per px of signed distance; at rest the edge is a step (1e-4 px wide)
-        sharpness = (1.0 / LIP_FEATHER_PX) / dense[0:2, :, :, 2:3].permute(0, 3, 1, 2).clamp(min=1e-4)
         lip_up, lip_low, teeth_up, teeth_low = s[0:1], s[1:2], s[2:3], s[3:4]  # (1, 5, H, W) each
+        # (2, 1, H, W) per px of signed distance; at rest the edge is a step (1e-4 px wide)
+        sharpness = (1.0 / LIP_FEATHER_PX) / dense[..., 2:3].permute(0, 3, 1, 2).clamp(min=1e-4)
         out = cavity_rgb.view(1, 3, 1, 1) * teeth_up[:, 4:5]
         out = teeth_low[:, :3] + (1.0 - teeth_low[:, 3:4]) * out  # premultiplied "over"
         out = teeth_up[:, :3] + (1.0 - teeth_up[:, 3:4]) * out
         # each lip is opaque on its side of the cut and fades (once it moves) into the mouth
         out = torch.lerp(out, lip_low[:, :3], (1.0 + lip_low[:, 3:4] * sharpness[1:2]).clamp(0.0, 1.0))
         out = torch.lerp(out, lip_up[:, :3], (1.0 + lip_up[:, 3:4] * sharpness[0:1]).clamp(0.0, 1.0))
+        weight = _upsample(beta.view(1, gh, gw, 1), self.mouth_pixel_grid).permute(0, 3, 1, 2)
         return out, weight
 
     def _eyes(self, motion: Tensor, origin: Tensor, main_shift: Tensor, photo_rgbm: Tensor, eye_frame: Tensor,
-              eye_lids: Tensor, src_origin: Tensor, layers: Tensor) -> Tensor:
-        """The eye window (1, 3, EYES_H, EYES_W) and its blend weight (1, 1, EYES_H, EYES_W). Works in the photo's coordinates (through the main
-        map), per eye along its own axis: the lid skin is stretched over the eyeball as the lids
-        close; where the opening remains, the eyeball (sclera + moved iris) shows."""
-        gh, gw = self.eyes_grid
-        s = self.eyes_pixels + origin + _upsample(main_shift.view(1, gh, gw, 2), self.eyes_pixel_grid)  # photo px
+              eye_lids: Tensor, src_origin: Tensor, eye_ball: Tensor, eye_iris: Tensor) -> tuple[Tensor, Tensor]:
+        """The two eye windows (2, 3, EYE_H, EYE_W) and their blend weights (2, 1, EYE_H, EYE_W).
+
+        Works in the photo's coordinates (through the main map), per eye along its own axis: the
+        lid skin is stretched over the eyeball as the lids close; where the opening remains, the
+        eyeball (sclera + the iris moved by the gaze) shows."""
+        gh, gw = self.eye_grid
+        shift = _upsample(main_shift.view(2, gh, gw, 2), self.eye_pixel_grid)  # (2, H, W, 2)
+        s = self.eye_pixels + origin.view(2, 1, 1, 2) + shift  # photo px
         m = motion[0]
         blink_r, blink_l, smile_r, smile_l, squint, wide, gaze_yaw, gaze_pitch = (m[i] for i in _EYE_CHANNELS)
         blink = torch.stack([blink_r, blink_l]).clamp(0.0, 1.0).view(2, 1, 1)
@@ -418,7 +438,7 @@ class FaceDecoder(nn.Module):
         bump = 1.0 - sigma * sigma
         # the iris travels on the eyeball; the upper lid follows it down (and up a little)
         radius = EYEBALL_RADIUS_IRIS * iris_r
-        gaze_u = radius * torch.sin(gaze_yaw * _DEG)
+        gaze_u = radius * torch.sin(gaze_yaw * _DEG)  # (2, 1, 1)
         gaze_v = radius * torch.sin(gaze_pitch * _DEG)
         closure = upper0 + BLINK_CLOSURE * height
         upper = upper0 + blink * (closure - upper0) + 0.12 * squint * height \
@@ -432,29 +452,29 @@ class FaceDecoder(nn.Module):
         up_ratio = (upper0 - top) / (upper - top).clamp(min=1e-3)
         low_ratio = (bottom - lower0) / (bottom - lower).clamp(min=1e-3)
         zero = torch.zeros_like(v)
-        shift = torch.where(v < top, zero,
-                torch.where(v < upper, (v - top) * (up_ratio - 1.0),
-                torch.where(v < upper + band_up, upper0 - upper,
-                torch.where(v <= lower - band_low, zero,
-                torch.where(v <= lower, lower0 - lower,
-                torch.where(v <= bottom, (bottom - v) * (1.0 - low_ratio), zero))))))
+        lid_shift = torch.where(v < top, zero,
+                    torch.where(v < upper, (v - top) * (up_ratio - 1.0),
+                    torch.where(v < upper + band_up, upper0 - upper,
+                    torch.where(v <= lower - band_low, zero,
+                    torch.where(v <= lower, lower0 - lower,
+                    torch.where(v <= bottom, (bottom - v) * (1.0 - low_ratio), zero))))))
         inside = (u.abs() < half).to(v.dtype)
-        skin_at = s + ((shift * inside).unsqueeze(-1) * normal).sum(0, keepdim=True)
+        skin_at = s + (lid_shift * inside).unsqueeze(-1) * normal
         # the opening: opaque inside, fading over LID_FEATHER_PX at each lid band (inside it)
         opening = ((v - upper - band_up) * (1.0 / LID_FEATHER_PX)).clamp(0.0, 1.0) \
-            * ((lower - band_low - v) * (1.0 / LID_FEATHER_PX)).clamp(0.0, 1.0)
-        opening = (opening * inside).sum(0)[None, None]  # the eyes never overlap: (1, 1, H, W)
-
-        gaze = (gaze_u[..., None] * axis + gaze_v[..., None] * normal).mean(0)  # both eyes turn alike
-        at = torch.cat([s, s - gaze], dim=0)  # eyeball at s, iris where the gaze moved it from
-        ball_iris = F.grid_sample(layers, (at - src_origin + 0.5) * self.inv_eyes_src - 1.0, mode="bilinear",
-                                  padding_mode="border", align_corners=False)  # (2, 4, H, W)
-        skin = F.grid_sample(photo_rgbm, (skin_at + 0.5) * self.inv_frame - 1.0, mode="bilinear",
-                             padding_mode="border", align_corners=False)[:, 0:3]
-        iris = ball_iris[1:2]
-        eyeball = torch.lerp(ball_iris[0:1, 0:3], iris[:, 0:3], iris[:, 3:4])
-        # the window's weight: 1 over each eye's lids and opening, fading over 2 px around them
-        near = ((half + 2.0 - u.abs()) * 0.5).clamp(0.0, 1.0) * ((v - top + 2.0) * 0.5).clamp(0.0, 1.0) \
+            * ((lower - band_low - v) * (1.0 / LID_FEATHER_PX)).clamp(0.0, 1.0) * inside
+        # the window's weight: 1 over the eye's lids and opening, fading over 2 px around them
+        weight = ((half + 2.0 - u.abs()) * 0.5).clamp(0.0, 1.0) * ((v - top + 2.0) * 0.5).clamp(0.0, 1.0) \
             * ((bottom + 2.0 - v) * 0.5).clamp(0.0, 1.0)
-        weight = near.amax(0)[None, None]
-        return torch.lerp(skin, eyeball, opening), weight
+
+        gaze = gaze_u[..., None] * axis + gaze_v[..., None] * normal  # (2, 1, 1, 2)
+        both = (1, 2 * EYE_H, EYE_W, 2)  # the two eyes' pixels side by side for one sampling call
+        skin = F.grid_sample(photo_rgbm, ((skin_at + 0.5) * self.inv_frame - 1.0).reshape(both), mode="bilinear",
+                             padding_mode="border", align_corners=False)[:, 0:3]
+        ball = F.grid_sample(eye_ball, ((s - src_origin + 0.5) * self.inv_eyes_src - 1.0).reshape(both),
+                             mode="bilinear", padding_mode="border", align_corners=False)
+        iris = F.grid_sample(eye_iris, ((s - gaze - src_origin + 0.5) * self.inv_eyes_src - 1.0).reshape(both),
+                             mode="bilinear", padding_mode="border", align_corners=False)
+        eyeball = torch.lerp(ball, iris[:, 0:3], iris[:, 3:4])
+        out = torch.lerp(skin, eyeball, opening.reshape(1, 1, 2 * EYE_H, EYE_W))  # (1, 3, 2H, W)
+        return out.view(3, 2, EYE_H, EYE_W).transpose(0, 1), weight.view(2, 1, EYE_H, EYE_W)
