@@ -409,6 +409,29 @@ def test_sigint_to_the_daemon_process_exits_0_and_releases_devices(tmp_path):
     assert result["camera_closed"] and result["mic_closed"] and result["frames"] >= 10
 
 
+def test_delayed_mic_follows_the_measured_latency():
+    from avatar.mic import DelayedMic
+
+    world = FileAudioBackend(sawtooth(4), samplerate=SAMPLE_RATE)
+    with DelayedMic("File Output", backend=world, delay_s=0.5) as delayed, \
+            Microphone(backend=world, tap=delayed.push) as mic:
+        daemon = LiveDaemon(stand_in_pipeline(delay_s=0.03), mic, camera=open_camera(backend="test-mark"),
+                            delayed_mic=delayed, status_every_s=0.5)
+        stats = daemon.run(seconds=2.0, handle_signals=False)
+        played = np.concatenate([b for _, b in world.played])
+    # the voice is delayed by the video's latency plus the look-ahead's 1.5 frames
+    assert delayed.delay_s * 1000 == pytest.approx(stats.latency_p50_ms + 37.5, abs=15.0)
+    assert 0.03 < delayed.delay_s < 0.2 and np.abs(played).max() > 0.1  # the mic audio was played
+
+
+def test_list_devices_names_microphones_outputs_and_the_camera_fix():
+    from avatar.live import describe_devices
+
+    text = describe_devices(audio_backend=FileAudioBackend(np.zeros(10, np.float32), samplerate=SAMPLE_RATE))
+    assert "0 'File Microphone' (file, 1 ch, 16000 Hz)" in text and "1 'File Output'" in text
+    assert "virtual cameras" in text and ("modprobe" in text or "<- used" in text)
+
+
 # ---- the real engines ------------------------------------------------------------------------------
 
 @pytest.mark.slow
