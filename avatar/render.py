@@ -18,6 +18,7 @@ from tqdm import tqdm
 import avatar
 from avatar.constants import FPS, SAMPLES_PER_FRAME, SAMPLE_RATE
 from avatar.controls import Controls, controls_tensor
+from avatar.disclosure import FrameMarker
 from avatar.media import VideoWriter, open_audio
 from avatar.pipeline import Pipeline, load_engines
 from avatar.rig import load_rig
@@ -51,8 +52,9 @@ def provenance(controls: Controls, audio_model: str) -> dict[str, str]:
 
 def render_file(*, portrait: Path, audio: Path, output: Path, controls: Controls,
                 audio_model: str = "trained", motion_model: str = "generator", face_index: int | None = None,
-                progress: bool = True) -> RenderResult:
-    """Render `audio` spoken by `portrait` into `output` (H.264 512x512 at FPS, AAC audio)."""
+                badge: bool = True, progress: bool = True) -> RenderResult:
+    """Render `audio` spoken by `portrait` into `output` (H.264 512x512 at FPS, AAC audio).
+    Every frame carries the invisible watermark and, unless `badge` is False, the AI badge."""
     started = time.perf_counter()
     rig = load_rig(portrait, head_distance=controls.head_distance, face_index=face_index)
     engines = load_engines(audio_model=audio_model, motion_model=motion_model)
@@ -62,7 +64,7 @@ def render_file(*, portrait: Path, audio: Path, output: Path, controls: Controls
                                                   metadata=provenance(controls, audio_model)) as writer:
         total = None if source.duration_s is None else int(source.duration_s * FPS + 0.999)
         bar = tqdm(total=total, unit="frame", desc="rendering", disable=not progress, leave=False)
-        frames = _FrameWriter(writer)
+        frames = _FrameWriter(writer, FrameMarker(badge=badge))
         try:
             for block in source.blocks(SAMPLES_PER_FRAME):
                 frame = pipeline.step(block)
@@ -81,10 +83,12 @@ def render_file(*, portrait: Path, audio: Path, output: Path, controls: Controls
 
 
 class _FrameWriter:
-    """Hands frames to the encoder on its own thread through a bounded queue."""
+    """Hands frames to the encoder on its own thread through a bounded queue; the disclosure
+    marks are applied there too, off the engines' thread."""
 
-    def __init__(self, writer: VideoWriter):
+    def __init__(self, writer: VideoWriter, marker: FrameMarker):
         self.writer = writer
+        self.marker = marker
         self.queue: queue.Queue = queue.Queue(maxsize=FRAME_QUEUE)
         self.count = 0
         self.error: BaseException | None = None
@@ -95,7 +99,7 @@ class _FrameWriter:
         while (frame := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.writer.write(frame)
+                    self.writer.write(self.marker(frame))
                 except BaseException as exc:  # surfaced on the render thread by put()/close()
                     self.error = exc
 
