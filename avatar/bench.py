@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avatar.constants import FPS, SAMPLES_PER_FRAME
+from avatar.constants import FPS, FRAME_SIZE, SAMPLES_PER_FRAME
 from avatar.errors import AvatarError
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -107,7 +107,8 @@ def bench_engines(backend: str = "auto", *, frames: int = 500, out: Path | None 
                 print(f"  {i + 1 - warmup}/{frames} frames", file=sys.stderr)
     finally:
         engine.close()
-    assert frame is not None and frame.shape[-1] == 3
+    if frame is None or frame.shape != (FRAME_SIZE, FRAME_SIZE, 3):
+        raise RuntimeError(f"the {chosen.name} frame engine returned {None if frame is None else frame.shape}")
 
     on_cuda = getattr(engine, "device", torch.device("cpu")).type == "cuda"
     device_name = engine.device_name if on_cuda else f"{_cpu_name()} ({os.cpu_count()} cores)"
