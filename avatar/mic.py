@@ -657,6 +657,12 @@ class Microphone:
         self._drain()
         return self._fifo.size
 
+    def read_block(self, *, timeout: float) -> AudioBlock | None:
+        """The next block in order (nothing dropped; the ring still overwrites what waits longer
+        than `ring_seconds`), or None when `timeout` (s) passes first."""
+        blocks = self._read(timeout=timeout, keep=None, take=1)
+        return blocks[0] if blocks else None
+
     def read_blocks(self, *, max_blocks: int, timeout: float) -> list[AudioBlock]:
         """The next blocks in order, at least one unless `timeout` (s) passes first (then []).
 
@@ -666,6 +672,10 @@ class Microphone:
         """
         if max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
+        return self._read(timeout=timeout, keep=max_blocks, take=max_blocks)
+
+    def _read(self, *, timeout: float, keep: int | None, take: int) -> list[AudioBlock]:
+        """Wait for a block; drop all but the newest `keep` (None: drop nothing); hand out `take`."""
         deadline = time.monotonic() + timeout
         while True:
             now = time.monotonic()
@@ -674,11 +684,11 @@ class Microphone:
                 self._drain()
                 n = self._fifo.size // SAMPLES_PER_FRAME
                 if n:
-                    return self._take_live(n, max_blocks)
+                    return self._take_live(n, keep, take)
             else:
                 self._retry(now)
                 if not self._connected and now >= self._silence_due:
-                    return self._take_silence(now, max_blocks)
+                    return self._take_silence(now, take)
             if now >= deadline:
                 return []
             if self._connected:
@@ -687,12 +697,13 @@ class Microphone:
                 wake = min(deadline, self._silence_due)
             time.sleep(min(max(wake - now, POLL_S[0]), POLL_S[1]))
 
-    def _take_live(self, n: int, max_blocks: int) -> list[AudioBlock]:
-        if n > max_blocks:
-            skip = (n - max_blocks) * SAMPLES_PER_FRAME
+    def _take_live(self, n: int, keep: int | None, take: int) -> list[AudioBlock]:
+        if keep is not None and n > keep:
+            skip = (n - keep) * SAMPLES_PER_FRAME
             self.stats.dropped_samples += skip
             self._fifo, self._fifo_time = self._fifo[skip:], self._fifo_time[skip:]
-            n = max_blocks
+            n = keep
+        n = min(n, take)
         out = []
         for k in range(n):
             s = self._fifo[k * SAMPLES_PER_FRAME:(k + 1) * SAMPLES_PER_FRAME].copy()

@@ -159,6 +159,19 @@ def test_read_blocks_drops_stale_audio_keeping_the_newest():
     np.testing.assert_allclose(np.diff(np.concatenate([b.samples for b in blocks])), 1 / (SAMPLE_RATE * 4), atol=1e-7)
 
 
+def test_read_block_hands_out_every_block_in_order():
+    audio = np.arange(SAMPLE_RATE * 2, dtype=np.float32) / (SAMPLE_RATE * 2)
+    be = FileAudioBackend(audio, samplerate=SAMPLE_RATE, loop=False)
+    with Microphone(backend=be) as mic:
+        time.sleep(0.3)  # a backlog: read_block still takes the oldest first
+        blocks = [mic.read_block(timeout=0.5) for _ in range(20)]
+        assert mic.stats.dropped_samples == 0
+    got = np.concatenate([b.samples for b in blocks])
+    np.testing.assert_allclose(got, audio[:got.size], atol=1e-7)
+    assert all(b.samples.shape == (SAMPLES_PER_FRAME,) and b.samples.dtype == np.float32 for b in blocks)
+    assert np.all(np.diff([b.captured_at for b in blocks]) > 0)
+
+
 @pytest.mark.parametrize("fail_mode", ["error", "silent"])
 def test_device_loss_gives_silence_then_recovers(fail_mode, caplog):
     caplog.set_level(logging.INFO)
