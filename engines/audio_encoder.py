@@ -14,15 +14,19 @@ Features, in ARTICULATION order:
                linearly from -60 dB -> 0 to -10 dB -> 1, clipped
     pitch      log2(f0 / 200 Hz) when voiced, 0 when unvoiced
 
+Two encoders keep this contract: AudioEncoder (trained, engines/train_audio.py) and
+DSPAudioEncoder (hand-set rules, no weights, the baseline). load_audio_encoder picks one by name.
+
 Both are causal with one frame (25 ms) of look-ahead: the output at tick t describes frame t-1, so
-frame t's audio is the look-ahead. Everything that carries across ticks is an explicit state
-tensor, so the same graph exports to ONNX with static shapes and runs on any backend.
+frame t's audio is the look-ahead (the newest sample lies 37.5 ms after frame t-1's centre, within
+the 40 ms budget). Everything that carries across ticks is an explicit state tensor, so the same
+graph exports to ONNX with static shapes (opset 17) and runs on any backend.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -377,9 +381,9 @@ class AudioEncoder(nn.Module):
     """The trained encoder: log-mel + DSP measures -> per-tick MLP -> GRU -> articulation.
 
     loudness is the exact definition (frame RMS), not learned. pitch is the NCCF tracker's
-    estimate plus a learned correction (octave slips, noise), gated to 0 where the network says
-    the frame is unvoiced. jaw/lips/voicing are learned from synthesized speech with phone
-    timings (engines/train_audio.py).
+    estimate, gated to 0 where the network says the frame is unvoiced (a learned correction of
+    the tracker was tried and added more error than it removed). jaw/lips/voicing are learned
+    from synthesized speech with phone timings (engines/train_audio.py).
 
     State: sample history (B, 800), previous tick's log-mel (B, mels_per_tick * n_mels), GRU
     hidden state (B, gru).
@@ -399,8 +403,8 @@ class AudioEncoder(nn.Module):
             nn.Linear(config.hidden, config.hidden), nn.ReLU(),
         )
         self.gru = nn.GRU(config.hidden, config.gru, batch_first=True)
-        # jaw, wide, round, closed, voicing logits and a pitch correction (octaves)
-        self.head = nn.Linear(config.gru + config.hidden, 6)
+        # jaw, wide, round, closed and voicing logits
+        self.head = nn.Linear(config.gru + config.hidden, 5)
 
     def initial_state(self, batch: int = 1) -> tuple[Tensor, ...]:
         return (
@@ -419,10 +423,10 @@ class AudioEncoder(nn.Module):
         x = (x - self.input_mean) / self.input_std
         z = self.mlp(x)  # (B, T, hidden)
         out, h = self.gru(z, hidden[None].contiguous())  # (B, T, gru), (1, B, gru)
-        y = self.head(torch.cat([out, z], dim=2))  # (B, T, 6)
+        y = self.head(torch.cat([out, z], dim=2))  # (B, T, 5)
         mouth = torch.sigmoid(y[..., 0:4])
         voicing = torch.sigmoid(y[..., 4:5])
-        pitch = (measures[..., 2:3] + y[..., 5:6]) * (voicing > 0.5).to(y.dtype)
+        pitch = measures[..., 2:3] * (voicing > 0.5).to(y.dtype)
         loudness = measures[..., 0:1]
         return torch.cat([mouth, voicing, loudness, pitch], dim=2), h[0]
 
@@ -437,7 +441,7 @@ class AudioEncoder(nn.Module):
     def logits_sequence(self, mel: Tensor, measures: Tensor) -> Tensor:
         """Training view: raw head outputs for whole sequences from the initial state.
 
-        mel: (B, T, M) from AudioFrontend.sequence; measures: (B, T, 4) -> (B, T, 6)."""
+        mel: (B, T, M) from AudioFrontend.sequence; measures: (B, T, 4) -> (B, T, 5)."""
         prev = torch.cat([self.frontend.silence_mel(mel.shape[0])[:, None].to(mel), mel[:, :-1]], dim=1)
         x = (torch.cat([prev, mel, measures], dim=2) - self.input_mean) / self.input_std
         z = self.mlp(x)

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy.signal
-import torch
 
 from avatar.constants import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from avatar.errors import AvatarError
@@ -137,7 +136,7 @@ _RELEASE_S = {"p": 0.012, "b": 0.010, "m": 0.0}  # burst at the end of a stop th
 CLOSE_LEAD_S = 0.030  # lips start closing this long before the closure is heard
 OPEN_LAG_S = 0.025  # and are apart again this long after the release
 # dominance decay (s) before / after a phone: rounding anticipates about one phone
-_TAU_BEFORE = np.array([0.035, 0.050, 0.100])  # jaw, wide, round
+_TAU_BEFORE = np.array([0.035, 0.050, 0.070])  # jaw, wide, round
 _TAU_AFTER = np.array([0.035, 0.040, 0.050])
 
 # espeak-ng English phoneme mnemonics -> ARPAbet
@@ -607,6 +606,12 @@ class Utterance:
     f0_hz: np.ndarray | None = None  # per frame, only for hums (known exactly)
 
 
+def _shift_semitones(rng: np.random.Generator) -> float:
+    # every flite/festival training voice is male; shifting up to +7 semitones (pitch and formants
+    # together) gives higher, shorter-tract voices too
+    return float(rng.uniform(-3, 7)) if rng.random() < 0.8 else 0.0
+
+
 def random_voice(rng: np.random.Generator, held_out: bool) -> Voice:
     """A voice drawn from the training pool, or from the held-out pool."""
     while True:
@@ -618,10 +623,10 @@ def random_voice(rng: np.random.Generator, held_out: bool) -> Voice:
             voice = Voice("espeak", name, rate_wpm=int(rng.integers(120, 221)), pitch=int(rng.integers(30, 71)))
         elif engine == "flite":
             voice = Voice("flite", str(rng.choice(FLITE_VOICES)), stretch=float(rng.uniform(0.8, 1.3)),
-                          semitones=float(rng.uniform(-4, 4)) if rng.random() < 0.7 else 0.0)
+                          semitones=_shift_semitones(rng))
         else:
             voice = Voice("festival", str(rng.choice(FESTIVAL_VOICES)), stretch=float(rng.uniform(0.8, 1.3)),
-                          semitones=float(rng.uniform(-4, 4)) if rng.random() < 0.7 else 0.0)
+                          semitones=_shift_semitones(rng))
         if voice.held_out == held_out:
             return voice
 
