@@ -57,6 +57,7 @@ MAX_LAG = 5  # frames searched either way
 CLOSED_FRACTION = 0.25  # lips count as closed below this fraction of the clip's median speech aperture
 ENVELOPE_SMOOTH = np.array([0.25, 0.5, 0.25])  # light smoothing of the per-frame RMS
 SILENCE_NOISE_DBFS = -65.0  # the "silent" part of the behaviour run: a quiet room, not digital zeros
+SECTIONS = ("synthetic", "real", "behaviour")
 SHEET_FRAMES = 24
 SHEET_COLUMNS = 8
 
@@ -223,6 +224,17 @@ def render_stream(pipeline, audio: np.ndarray, reference: np.ndarray, keep: rang
     return Rendered(track, np.array(motions), kept, time.perf_counter() - started)
 
 
+@torch.inference_mode()
+def encoder_features(encoder, audio: np.ndarray) -> np.ndarray:
+    """The audio encoder alone over the clip: (T, 7), row i describing audio frame i (for
+    locating where lip sync is lost: encoder, generator, or renderer and measurement)."""
+    from engines.audio_encoder import encode_clip
+
+    look = int(getattr(encoder, "lookahead_frames", 0))
+    padded = np.concatenate([audio, np.zeros(look * SAMPLES_PER_FRAME, np.float32)])
+    return encode_clip(encoder, torch.from_numpy(padded)[None])[0, look:].numpy()
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +265,7 @@ def speech_mask(stream: Stream) -> np.ndarray:
     return mask
 
 
-def synthetic_metrics(stream: Stream, rendered: Rendered) -> dict:
+def synthetic_metrics(stream: Stream, rendered: Rendered, features: np.ndarray | None = None) -> dict:
     from engines.speech_data import articulation_targets, bilabial_midpoints
 
     phones = [p for seg in stream.segments for p in seg.phones]
@@ -286,6 +298,21 @@ def synthetic_metrics(stream: Stream, rendered: Rendered) -> dict:
         "face_found_share": float(rendered.track.found.mean()),
         "render_measure_seconds": rendered.seconds,
     })
+    # where sync is lost, stage by stage, against the same targets (not the score: the score is
+    # the measured frames above). closure "hit": the stage's closure signal >= 0.5 within +-1 frame
+    jaw_cmd = rendered.motion[:, motion_index("jaw_open")]
+    press_cmd = rendered.motion[:, motion_index("lips_press")]
+    hit = lambda x: float(np.mean([np.nanmax(x[m - 1:m + 2]) >= 0.5 for m in mids])) if len(mids) else float("nan")  # noqa: E731
+    stages = {"commanded_jaw_open_vs_target": lagged_correlation(jaw_cmd, jaw, mask),
+              "commanded_lips_press_closure_hit_rate": hit(press_cmd),
+              "meter_check_aperture_vs_commanded_jaw_open": lagged_correlation(aperture, jaw_cmd, mask)}
+    if features is not None:
+        stages["encoder_jaw_open_vs_target"] = lagged_correlation(features[:, 0], jaw, mask)
+        stages["encoder_lips_closed_closure_hit_rate"] = hit(features[:, 3])
+    for v in stages.values():
+        if isinstance(v, dict):
+            v.pop("r_by_lag")
+    out["stages"] = stages
     return out
 
 
@@ -479,6 +506,7 @@ def main() -> None:
     parser.add_argument("--behaviour", nargs=2, type=float, metavar=("TALK_S", "SILENT_S"), default=None,
                         help="seconds of looped speech and of quiet for the behaviour run (default 60 30)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (mediapipe runs its own)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "lipsync.json")
     parser.add_argument("--sheet", type=Path, default=RESULTS / "lipsync_sheet.png")
@@ -508,8 +536,9 @@ def main() -> None:
         try:
             engines = load_engines(audio_model=audio_model, motion_model=motion_model)
             pipelines[key] = Pipeline(engines, rig.inputs(), controls_tensor(Controls()), seed=args.seed)
-        except AvatarError as e:
-            errors[key] = str(e)
+        except (AvatarError, RuntimeError, KeyError) as e:  # missing weights, or weights of another shape
+            errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0]}" + (
+                f" {str(e).splitlines()[1].strip()}" if len(str(e).splitlines()) > 1 else "")
             print(f"{key}: not run ({e})", flush=True)
 
     print("synthesizing held-out speech ...", flush=True)
@@ -553,16 +582,24 @@ def main() -> None:
 
     sheet_rows = []
     for key, pipeline in pipelines.items():
+        if "synthetic" not in args.sections:
+            break
         print(f"[{key}] held-out synthetic ...", flush=True)
         rendered = render_stream(pipeline, synth.audio, reference, keep=window)
-        m = synthetic_metrics(synth, rendered)
+        m = synthetic_metrics(synth, rendered, encoder_features(pipeline.engines.encoder, synth.audio))
         results["held_out_synthetic"]["models"][key] = m
         sheet_rows.append((f"{key}: frames {window.start}-{window.stop - 1} of \"{sheet_seg.info['text']}\" "
                            f"({sheet_seg.name})", rendered))
         print(f"  r0 {m['r_lag0']:.3f}  r_best {m['r_best']:.3f} @ {m['best_lag_frames']:+d}  closures "
               f"{m['bilabial_closure_hit_rate']:.2f} of {m['bilabials']}  ({rendered.seconds:.0f} s)", flush=True)
-        if key.endswith("+baseline"):
-            continue  # the baseline is compared on lip sync only
+        st = m["stages"]
+        print(f"  stages: encoder jaw r0 {st.get('encoder_jaw_open_vs_target', {}).get('r_lag0', float('nan')):.3f}, "
+              f"closures {st.get('encoder_lips_closed_closure_hit_rate', float('nan')):.2f}; commanded jaw r0 "
+              f"{st['commanded_jaw_open_vs_target']['r_lag0']:.3f}, closures {st['commanded_lips_press_closure_hit_rate']:.2f}; "
+              f"meter check r0 {st['meter_check_aperture_vs_commanded_jaw_open']['r_lag0']:.3f}", flush=True)
+    for key, pipeline in pipelines.items():
+        if "real" not in args.sections or key.endswith("+baseline"):
+            continue  # the baseline is compared on the held-out set only
         print(f"[{key}] real speech ...", flush=True)
         rendered = render_stream(pipeline, real.audio, reference)
         m = real_metrics(real, rendered)
@@ -579,7 +616,7 @@ def main() -> None:
 
     # behaviour is the generator's: run once, on the product's encoder when its weights exist
     behaviour_key = next((k for k in ("trained+generator", "dsp+generator") if k in pipelines), None)
-    if behaviour_key:
+    if behaviour_key and "behaviour" in args.sections:
         print(f"[{behaviour_key}] behaviour: {talk_s:g} s talking + {silent_s:g} s quiet ...", flush=True)
         audio = behaviour_audio(real.audio, talk_s, silent_s, args.seed)
         rendered = render_stream(pipelines[behaviour_key], audio, reference)
