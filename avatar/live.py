@@ -243,13 +243,15 @@ class LiveDaemon:
     camera: an open camera sink (or None); reopen_camera: how to open it again after a failure
     (None: never retry). preview: a preview sink. idle_frame: sent until the first frame is rendered
     (the portrait). record: keep per-tick records for a benchmark (ticks of capacity).
+    marker: applied to every frame before it is shown (avatar/disclosure.py: watermark and AI badge).
     """
 
     def __init__(self, pipeline: Pipeline | FrameTicker, mic: Microphone, *, camera: Sink | None = None,
                  reopen_camera: Callable[[], Sink] | None = None, preview: Sink | None = None,
                  delayed_mic: DelayedMic | None = None, idle_frame: np.ndarray | None = None,
                  gate: bool = True, retry_every_s: float = RETRY_EVERY_S, status_every_s: float = STATUS_EVERY_S,
-                 on_status: Callable[[LiveStats], None] | None = None, record: int = 0):
+                 on_status: Callable[[LiveStats], None] | None = None, record: int = 0,
+                 marker: Callable[[np.ndarray], np.ndarray] | None = None):
         if camera is None and reopen_camera is None and preview is None:
             raise AvatarError("nothing to show the avatar on: use the virtual camera or --preview")
         self.pipeline = PipelineTicker(pipeline) if isinstance(pipeline, Pipeline) else pipeline
@@ -265,7 +267,8 @@ class LiveDaemon:
         self.stats = LiveStats()
         self.stats.av_offset_ms = (pipeline.lookahead_frames + 0.5) * FRAME_MS
         self.records = _Records(record) if record else None
-        self._idle_frame = idle_frame
+        self.marker = marker or (lambda frame: frame)
+        self._idle_frame = None if idle_frame is None else self.marker(np.ascontiguousarray(idle_frame).copy())
         self._mailbox = _Mailbox()
         self._stop = threading.Event()
         self._once = _Once()
@@ -306,6 +309,7 @@ class LiveDaemon:
                 if frame is None:  # the look-ahead is still filling
                     continue
                 stats.frames_rendered += 1
+                frame = self.marker(frame)  # on the render thread: the pacing thread stays light
                 self._mailbox.put(_Frame(frame, blocks[-1].captured_at, blocks[-1].live, time.monotonic()))
                 if self._once.clear("render"):
                     log.warning("rendering works again")
@@ -510,7 +514,7 @@ def run_live(*, portrait: str | os.PathLike, controls, mic: str | int | None = N
              camera_backend: str | None = None, camera_device: str | None = None, preview: bool = False,
              delayed_mic: str | int | None = None, audio_model: str = "trained", motion_model: str = "generator",
              face_index: int | None = None, runtime: str = "auto", audio_backend=None, torch_threads: int = 1,
-             gate: bool = True,
+             gate: bool = True, badge: bool = True,
              seconds: float | None = None, record: bool = False,
              on_status: Callable[[LiveStats], None] | None = None) -> LiveStats:
     """`vasa-avatar run`: the portrait speaks with the microphone on the virtual camera until
@@ -523,6 +527,7 @@ def run_live(*, portrait: str | os.PathLike, controls, mic: str | int | None = N
 
     from avatar.camera import PreviewSink, open_camera
     from avatar.controls import controls_tensor
+    from avatar.disclosure import FrameMarker
     from avatar.mic import find_device
     from avatar.pipeline import load_engines
     from avatar.rig import load_rig
@@ -566,6 +571,7 @@ def run_live(*, portrait: str | os.PathLike, controls, mic: str | int | None = N
                  ", ".join(s.name for s in (cam, view) if s is not None) or "camera (retrying)")
         daemon = LiveDaemon(pipeline, microphone, camera=cam, reopen_camera=reopen if camera else None,
                             preview=view, delayed_mic=delayed, idle_frame=rig.image.numpy(), gate=gate,
+                            marker=FrameMarker(badge=badge),
                             on_status=on_status, record=int((seconds or 0) * FPS * 1.1) + FPS if record else 0)
         daemon.stats.engines = backend.describe()
         return daemon.run(seconds=seconds)
