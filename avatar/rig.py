@@ -922,8 +922,11 @@ def build_rig(portrait) -> Rig:
     window_grid = np.stack([(2 * (wx + x0) + 1) / size - 1, (2 * (wy + y0) + 1) / size - 1], axis=-1)
     ys, xs = np.mgrid[0:size, 0:size]
     inside = (ys >= y0) & (ys < y0 + fd.WIN) & (xs >= x0) & (xs < x0 + fd.WIN)
-    source = (ys * size + xs).astype(np.int64)
-    source[inside] = size * size + ((ys - y0) * fd.WIN + (xs - x0))[inside]
+    # the frame is gathered from cat(photo pixels outside the window, window pixels)
+    source = np.zeros((size, size), np.int64)
+    source[~inside] = np.arange(int((~inside).sum()))
+    source[inside] = fd.N_PIX - fd.N_WIN + ((ys - y0) * fd.WIN + (xs - x0))[inside]
+    outside = img[~inside]
 
     def f32(a) -> Tensor:
         a = np.array(a, dtype=np.float32)
@@ -932,7 +935,7 @@ def build_rig(portrait) -> Rig:
 
     engine = {
         "photo_rgbm": f32(rgbm.transpose(2, 0, 1)[None]),
-        "photo_u8": photo.reshape(-1, 3).clone(),
+        "photo_u8": torch.from_numpy(np.ascontiguousarray(outside)),
         "window_background": f32(bg.transpose(2, 0, 1)[None]),
         "frame_source": torch.from_numpy(source.ravel()),
         "ctrl_xyz": f32(xyz),
@@ -943,7 +946,7 @@ def build_rig(portrait) -> Rig:
         "face_width": f32([fw]),
         "main_operator": f32(op),
         "window_origin": f32([x0, y0]),
-        "window_grid": f32(window_grid[None]),
+        "window_grid": f32(window_grid.transpose(2, 0, 1)[None]),
         "mouth_operator": f32(mouth_op),
         "mouth_src_origin": f32([mx0, my0]),
         "mouth_layers": f32(np.stack([

@@ -71,16 +71,16 @@ _MGW, _MGH = MOUTH_SRC_W // MOUTH_SRC_STEP, MOUTH_SRC_H // MOUTH_SRC_STEP
 RIG_INPUTS: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = (
     # the framed photo, RGB 0..255, and its person mask 0..1, stacked
     ("photo_rgbm", (1, 4, FRAME_SIZE, FRAME_SIZE), torch.float32),
-    # the frame as uint8 pixels: what the frame shows outside the head window
-    ("photo_u8", (N_PIX, 3), torch.uint8),
+    # the frame's pixels outside the head window (row by row), uint8: shown as they are
+    ("photo_u8", (N_PIX - N_WIN, 3), torch.uint8),
     # the inpainted background under the head window, RGB 0..255
     ("window_background", (1, 3, WIN, WIN), torch.float32),
     # for each frame pixel, its index into cat(photo_u8, window pixels): the paste-back
     ("frame_source", (N_PIX,), torch.int64),
     # the head window's top-left pixel in the frame (x, y), and the grid_sample coordinates of
-    # its pixel centres in the frame
+    # its pixel centres in the frame, channel first (x, y)
     ("window_origin", (2,), torch.float32),
-    ("window_grid", (1, WIN, WIN, 2), torch.float32),
+    ("window_grid", (1, 2, WIN, WIN), torch.float32),
     # control points: source x, y, z in frame px (z toward the viewer is negative). The last
     # N_ANCHORS rows are anchors, moved like the rest but outside every warp operator: the mouth
     # centre, a skull and a mandible triangle (the teeth ride them), the two eye centres
@@ -268,6 +268,13 @@ def _upsample(coarse: Tensor, pixel_grid: Tensor) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False).permute(0, 2, 3, 1)
 
 
+def _upsample_nchw(coarse: Tensor, pixel_grid: Tensor) -> Tensor:
+    """As _upsample, returning (B, C, h, w): channel slices stay contiguous."""
+    x = coarse.permute(0, 3, 1, 2)
+    grid = pixel_grid.expand(x.shape[0], -1, -1, -1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def _smoothstep(t: Tensor) -> Tensor:
     t = t.clamp(0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
@@ -293,6 +300,10 @@ class FaceDecoder(nn.Module):
         buf("mouth_nodes", mn.reshape(1, 1, -1, 2))
         buf("eye_nodes", en.reshape(1, 1, -1, 2))
         buf("mouth_pixels", _nodes(MOUTH_W, MOUTH_H, 1)[None])
+        # grid_sample coordinates (in the mouth crop) of the mouth window's pixels when the window
+        # and the crop share their top-left corner
+        mp = _nodes(MOUTH_W, MOUTH_H, 1)[None]
+        buf("mouth_base_grid", (mp + 0.5) * torch.tensor([2.0 / MOUTH_SRC_W, 2.0 / MOUTH_SRC_H]) - 1.0)
         buf("eye_pixels", _nodes(EYE_W, EYE_H, 1)[None])
         buf("window_pixel_grid", _pixel_grid(WIN, WIN))
         buf("mouth_pixel_grid", _pixel_grid(MOUTH_W, MOUTH_H))
@@ -338,12 +349,13 @@ class FaceDecoder(nn.Module):
         # -- head window: the person through the main map, over the still background
         moved = (win_shift.abs().sum(-1, keepdim=True) * (1.0 / ALPHA_RAMP_PX)).clamp(max=1.0)
         coarse = torch.cat([win_shift * self.inv_frame, moved], dim=-1).view(1, GRID, GRID, 3)
-        dense = _upsample(coarse, self.window_pixel_grid)  # (1, WIN, WIN, 3)
-        sampled = F.grid_sample(photo_rgbm, window_grid + dense[..., 0:2], mode="bilinear",
-                                padding_mode="border", align_corners=False)  # (1, 4, WIN, WIN)
+        dense = _upsample_nchw(coarse, self.window_pixel_grid)  # (1, 3, WIN, WIN)
+        grid = (window_grid + dense[:, 0:2]).permute(0, 2, 3, 1)  # channel-first storage: cheap adds
+        sampled = F.grid_sample(photo_rgbm, grid, mode="bilinear", padding_mode="border",
+                                align_corners=False)  # (1, 4, WIN, WIN)
         # where the map has moved, the person's mask decides between person and background; where
         # it has not (all of it at neutral) the photo shows as it is
-        alpha = (sampled[:, 3:4] - 1.0).mul_(dense[..., 2:3].permute(0, 3, 1, 2)).add_(1.0)
+        alpha = (sampled[:, 3:4] - 1.0).mul_(dense[:, 2:3]).add_(1.0)
         window = torch.lerp(window_background, sampled[:, 0:3], alpha).view(3, N_WIN)
 
         mouth = self._mouth(displacement, anchor_src, anchors, mouth_origin, mouth_shift, mouth_operator,
@@ -379,31 +391,30 @@ class FaceDecoder(nn.Module):
         beta = F.grid_sample(blend, (main - src_origin + 0.5) * self.inv_mouth_src - 1.0, mode="bilinear",
                              padding_mode="border", align_corners=False).permute(0, 2, 3, 1) * self.mouth_edge
         lips = main + beta * (lips - main)  # (2, 1, n, 2)
-        # teeth are rigid: the upper set rides the skull, the lower set the mandible (affine maps,
-        # evaluated per pixel directly)
+        # teeth are rigid: the upper set rides the skull, the lower set the mandible. Affine maps
+        # are exact under bilinear upsampling, so they join the lips' maps at the nodes
         skull = _affine(anchor_src[1:4], anchors[1:4])
         mandible = _affine(anchor_src[4:7], anchors[4:7])
-        teeth_nodes = torch.stack([_apply(skull, nodes[0]), _apply(mandible, nodes[0])])  # (2, 1, n, 2)
+        teeth = torch.stack([_apply(skull, nodes[0]), _apply(mandible, nodes[0])])  # (2, 1, n, 2)
         # how far each lip has slid over its teeth (px, up to 1): the lips' inner edges soften with
         # it, and are hard, exactly the photo's, while the lips have not moved
-        slide = (lips - teeth_nodes).abs().sum(-1, keepdim=True).clamp(max=1.0)
-        coarse = torch.cat([(lips - nodes) * self.inv_mouth_src, slide], dim=-1).view(2, gh, gw, 3)
-        dense = _upsample(coarse, self.mouth_pixel_grid)  # (2, H, W, 3)
-        pixels = self.mouth_pixels + origin
-        base = (pixels - src_origin + 0.5) * self.inv_mouth_src - 1.0
-        teeth = torch.stack([_apply(skull, pixels[0]), _apply(mandible, pixels[0])])
-        grid = torch.cat([dense[..., 0:2] + base, (teeth - src_origin + 0.5) * self.inv_mouth_src - 1.0], dim=0)
+        slide = (lips - teeth).abs().sum(-1, keepdim=True).clamp(max=1.0)
+        maps = torch.cat([lips, teeth], dim=0) - nodes  # (4, 1, n, 2) backward shifts, px
+        coarse = torch.cat([maps * self.inv_mouth_src, torch.cat([slide, slide], dim=0)], dim=-1)
+        dense = _upsample_nchw(coarse.view(MOUTH_LAYERS, gh, gw, 3), self.mouth_pixel_grid)  # (4, 3, H, W)
+        base = self.mouth_base_grid + (origin - src_origin) * self.inv_mouth_src  # (1, H, W, 2)
+        grid = dense[:, 0:2].permute(0, 2, 3, 1) + base
         s = F.grid_sample(layers, grid, mode="bilinear", padding_mode="border", align_corners=False)
         lip_up, lip_low, teeth_up, teeth_low = s[0:1], s[1:2], s[2:3], s[3:4]  # (1, 5, H, W) each
         # (2, 1, H, W) per px of signed distance; at rest the edge is a step (1e-4 px wide)
-        sharpness = (1.0 / LIP_FEATHER_PX) / dense[..., 2:3].permute(0, 3, 1, 2).clamp(min=1e-4)
+        sharpness = (1.0 / LIP_FEATHER_PX) / dense[0:2, 2:3].clamp(min=1e-4)
         out = cavity_rgb.view(1, 3, 1, 1) * teeth_up[:, 4:5]
         out = teeth_low[:, :3] + (1.0 - teeth_low[:, 3:4]) * out  # premultiplied "over"
         out = teeth_up[:, :3] + (1.0 - teeth_up[:, 3:4]) * out
         # each lip is opaque on its side of the cut and fades (once it moves) into the mouth
         out = torch.lerp(out, lip_low[:, :3], (1.0 + lip_low[:, 3:4] * sharpness[1:2]).clamp(0.0, 1.0))
         out = torch.lerp(out, lip_up[:, :3], (1.0 + lip_up[:, 3:4] * sharpness[0:1]).clamp(0.0, 1.0))
-        weight = _upsample(beta.view(1, gh, gw, 1), self.mouth_pixel_grid).permute(0, 3, 1, 2)
+        weight = _upsample_nchw(beta.view(1, gh, gw, 1), self.mouth_pixel_grid)
         return out, weight
 
     def _eyes(self, motion: Tensor, origin: Tensor, main_shift: Tensor, photo_rgbm: Tensor, eye_frame: Tensor,
