@@ -84,7 +84,9 @@ def test_live_handle_switches_portrait_pause_and_controls_while_running(voice, r
 
         # mood: the generator's control input is replaced at once (it is read once per tick)
         handle.set_controls(Controls(mood="happy"))
-        assert handle._pipeline.controls.equal(controls_tensor(Controls(mood="happy")))
+        assert handle._ticker.controls.equal(controls_tensor(Controls(mood="happy")))
+        wait_for(lambda: handle._ticker._pending_controls is None, 1.0, "the next tick to take the controls")
+        assert handle._ticker.inner.pipeline.controls.equal(controls_tensor(Controls(mood="happy")))
 
         # portrait: loaded from the rig cache on the switcher thread and swapped in between frames
         done = []
@@ -110,7 +112,8 @@ def test_live_handle_switches_portrait_pause_and_controls_while_running(voice, r
 
         # pause: the camera keeps getting the badged still; resume: live frames again
         handle.set_paused(True)
-        still = paused_frame(grace.image.numpy())
+        still = handle._ticker._still  # the portrait at rest, badged "AI · PAUSED" and watermarked
+        assert np.abs(still.astype(int) - paused_frame(grace.image.numpy())).mean() < 3.0  # + the watermark
         wait_for(lambda: np.array_equal(shown(camera), still), 1.0, "the paused still within 1 s")
         n = camera.frames
         time.sleep(0.5)

@@ -132,9 +132,6 @@ class TrayController:
                 listener(self.state)
         return self.state
 
-    def portrait_path(self, portrait_id: str) -> Path:
-        return library.resolve(portrait_id).path
-
     def refresh_portraits(self) -> None:
         self.dispatch(Action("portraits_changed", portrait_items(library.list_portraits())))
 
@@ -261,8 +258,6 @@ def run_doctor() -> str:
     out = (done.stdout + done.stderr).strip()
     return out or f"vasa-avatar doctor printed nothing (exit status {done.returncode})"
 
-
-# ---- the live daemon, as the tray drives it --------------------------------------------------------
 
 # ---- the pystray icon ----------------------------------------------------------------------------
 
@@ -439,33 +434,33 @@ def run_tray(*, live: bool = True) -> int:
     if live:
         entry = library.resolve(settings.portrait)
         daemon = LiveHandle(portrait=entry.path, controls=settings.to_controls(), mic=settings.mic,
-                            paused=settings.paused, preview=settings.preview,
+                            paused=settings.paused, preview=settings.preview, badge=settings.badge,
                             on_preview_closed=lambda reason: _preview_closed(holder["c"], reason))
     ui = DesktopUI()
     controller = TrayController(daemon=daemon, ui=ui, settings=settings)
     holder["c"] = controller
     icon = TrayIcon(controller)
-    ui._notify = icon.notify
+    ui.notifier = icon.notify
     stopping = threading.Event()
 
     def ticker():
         while not stopping.wait(STATUS_EVERY_S):
             controller.poll_daemon()
 
-    def quit():
+    def request_quit():
         controller.dispatch(Action("quit"))
 
     glib = _uses_glib(icon.icon)
 
     def ready():
         if glib:
-            _stop_on_signals(quit, glib=True)
+            _stop_on_signals(request_quit, glib=True)
         if daemon is not None:
             daemon.start()
         threading.Thread(target=ticker, name="tray-status", daemon=True).start()
 
     if not glib:
-        _stop_on_signals(quit, glib=False)
+        _stop_on_signals(request_quit, glib=False)
     try:
         icon.run(on_ready=ready)
     finally:

@@ -1,13 +1,15 @@
 """The live daemon as the tray drives it: avatar.live.LiveDaemon run on background threads with
 switches for controls, portrait, pause and preview that take effect between frames.
 
-- Controls (mood, gaze, expressiveness) replace the generator's control tensor (Pipeline.set_controls,
-  read once per tick): the next 25 ms tick uses them and the generator glides there.
+- Controls (mood, gaze, expressiveness) replace the generator's control tensor at the start of the
+  next 25 ms tick; the generator glides to the new mood.
 - A portrait (or framing) switch loads the rig on its own thread (rig cache hit: tens of ms; a new
-  photo: seconds of analysis) while the old portrait keeps talking, then swaps it in with
-  Pipeline.set_rig between two frames. The camera is never reopened; no tick goes without a frame.
+  photo: seconds of analysis) while the old portrait keeps talking, then swaps it in at the start of
+  a tick (Pipeline.set_rig on the CPU, FrameEngine.set_rig on the GPU). The camera is never
+  reopened and the pacing thread never goes without a frame.
 - Pause keeps the camera fed with a still of the portrait wearing the "AI · PAUSED" badge; the
   decoder is skipped meanwhile and the motion generator keeps running, so resuming is seamless.
+- Every frame is marked (avatar.disclosure.FrameMarker: watermark, and the AI badge unless off).
 - The preview window runs in a process of its own (tray/preview.py): OpenCV's window crashes in a
   worker thread of a process whose main thread runs GTK.
 - Start-up problems do not end it: a missing microphone is looked for again every MIC_RETRY_S; a
@@ -34,6 +36,7 @@ log = logging.getLogger("tray")
 
 STATUS_EVERY_S = 1.0  # how often LiveDaemon reports its stats (the tooltip's refresh)
 MIC_RETRY_S = 3.0  # a missing microphone is looked for again this often
+LOG_EVERY_S = 30.0  # the daemon's stats go to the tray's log this often
 
 
 class Daemon(Protocol):
@@ -55,31 +58,101 @@ class Daemon(Protocol):
     def status(self) -> DaemonStatus: ...
 
 
-class _TrayPipeline:
-    """The daemon's Pipeline with a pause switch: while paused, `render` returns the paused still
-    (no decoder work) and everything else passes through, so motion state keeps flowing."""
+class _TrayTicker:
+    """The daemon's ticker (avatar.live.PipelineTicker on the CPU, FrameTicker on the GPU) with the
+    tray's switches. Other threads only leave a new rig or control tensor here; the render thread
+    applies it at the start of its next tick, so a change always lands between two frames (the GPU
+    frame engines copy a rig into their bound buffers, which must not race a frame).
 
-    def __init__(self, pipeline, image: np.ndarray, *, paused: bool = False):
-        self._pipeline = pipeline
+    Every frame it hands out is marked (watermark, and the "AI" badge unless turned off). While
+    paused, the encoder and generator still run on the audio (so resuming is seamless) but the
+    decoder does not: the frame is the portrait at rest wearing the "AI · PAUSED" badge.
+    """
+
+    def __init__(self, inner, image: np.ndarray, *, paused: bool = False, badge: bool = True):
+        from avatar.disclosure import FrameMarker
+
+        self.inner = inner
+        self.lookahead_frames = inner.lookahead_frames
         self.paused = paused
-        self.set_still(image)
+        self._marker = FrameMarker(badge=badge)
+        self._paused_marker = FrameMarker(badge=True, paused=True)  # a paused still always says so
+        self._lock = threading.Lock()
+        self._pending_rig: tuple | None = None
+        self._pending_controls = None
+        self._set_still(image)
 
-    def __getattr__(self, name):
-        return getattr(self._pipeline, name)
+    # -- from other threads
+    def set_rig(self, rig_inputs, image: np.ndarray) -> None:
+        with self._lock:
+            self._pending_rig = (tuple(rig_inputs), image)
 
-    def set_still(self, image: np.ndarray) -> None:
-        """image: (512, 512, 3) uint8 RGB, the portrait at rest (the rig's image)."""
-        self.image = image
-        self._still = paused_frame(image)
+    def set_controls(self, controls) -> None:
+        """controls: (1, N_CONTROLS) float32, avatar.controls.controls_tensor's layout."""
+        with self._lock:
+            self._pending_controls = controls
 
-    def render(self, motion):
+    @property
+    def controls(self):
+        """The control tensor in use (or about to be, at the next tick)."""
+        with self._lock:
+            if self._pending_controls is not None:
+                return self._pending_controls
+        return _ticker_controls(self.inner)
+
+    # -- the render thread (LiveDaemon's ticker interface)
+    def apply_pending(self) -> None:
+        with self._lock:
+            rig, self._pending_rig = self._pending_rig, None
+            controls, self._pending_controls = self._pending_controls, None
+        if rig is not None:
+            _set_ticker_rig(self.inner, rig[0])
+            self._set_still(rig[1])
+        if controls is not None:
+            _set_ticker_controls(self.inner, controls)
+
+    def tick(self, samples: np.ndarray, *, render: bool) -> np.ndarray | None:
+        self.apply_pending()
         if self.paused:
-            return self._still.copy()  # a copy: sinks may draw on what they are given
-        return self._pipeline.render(motion)
+            self.inner.tick(samples, render=False)
+            return self._still.copy() if render else None  # a copy: sinks may draw on what they get
+        frame = self.inner.tick(samples, render=render)
+        return None if frame is None else self._marker(frame)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def _set_still(self, image: np.ndarray) -> None:
+        self.image = image  # (512, 512, 3) uint8 RGB: the portrait at rest (the rig's image)
+        self._still = self._paused_marker(np.array(image, dtype=np.uint8, copy=True))
+
+
+def _set_ticker_rig(ticker, rig_inputs) -> None:
+    from avatar.live import PipelineTicker
+
+    if isinstance(ticker, PipelineTicker):
+        ticker.pipeline.set_rig(rig_inputs)
+    else:  # FrameTicker over an engines.runtime FrameEngine
+        ticker.frames.set_rig(rig_inputs)
+
+
+def _set_ticker_controls(ticker, controls) -> None:
+    from avatar.live import PipelineTicker
+
+    if isinstance(ticker, PipelineTicker):
+        ticker.pipeline.set_controls(controls)
+    else:
+        ticker.controls = controls
+
+
+def _ticker_controls(ticker):
+    from avatar.live import PipelineTicker
+
+    return ticker.pipeline.controls if isinstance(ticker, PipelineTicker) else ticker.controls
 
 
 def paused_frame(image: np.ndarray) -> np.ndarray:
-    """The portrait at rest with the "AI · PAUSED" badge: what the camera shows while paused."""
+    """The portrait at rest with the "AI · PAUSED" badge (no watermark): how the paused still looks."""
     from avatar.badge import Badge
 
     frame = np.array(image, dtype=np.uint8, copy=True)
@@ -95,7 +168,7 @@ class LiveHandle:
     """
 
     def __init__(self, *, portrait: Path, controls, mic: str | None = None, paused: bool = False,
-                 preview: bool = False, on_preview_closed: Callable[[str | None], None] = lambda reason: None,
+                 preview: bool = False, badge: bool = True, on_preview_closed: Callable[[str | None], None] = lambda reason: None,
                  runtime: str = "auto", audio_model: str = "trained", motion_model: str = "generator",
                  camera_backend: str | None = None, audio_backend=None, torch_threads: int = 1):
         self.portrait = Path(portrait)
@@ -107,8 +180,9 @@ class LiveHandle:
         self.audio_backend = audio_backend
         self.torch_threads = torch_threads
         self._paused = paused
+        self.badge = badge
         self._preview = PreviewProcess(preview, on_preview_closed)
-        self._pipeline: _TrayPipeline | None = None
+        self._ticker: _TrayTicker | None = None
         self._daemon = None
         self._state = DaemonStatus("starting")
         self._camera_problem = ""
@@ -117,6 +191,7 @@ class LiveHandle:
         self._switch_wanted = threading.Condition(self._lock)
         self._switch_request: tuple | None = None
         self._fps_mark: tuple[float, int] | None = None
+        self._next_log = 0.0
         self._thread: threading.Thread | None = None
 
     # -- the Daemon interface
@@ -139,8 +214,8 @@ class LiveHandle:
         from avatar.controls import controls_tensor
 
         self.controls = controls
-        if self._pipeline is not None:
-            self._pipeline.set_controls(controls_tensor(controls))  # read once per tick: atomic swap
+        if self._ticker is not None:
+            self._ticker.set_controls(controls_tensor(controls))
 
     def switch_portrait(self, path: Path, *, head_distance: float, on_done: Callable[[str | None], None]) -> None:
         with self._lock:  # a request not started yet is replaced: the newest choice wins
@@ -149,8 +224,8 @@ class LiveHandle:
 
     def set_paused(self, paused: bool) -> None:
         self._paused = paused
-        if self._pipeline is not None:
-            self._pipeline.paused = paused
+        if self._ticker is not None:
+            self._ticker.paused = paused
 
     def set_preview(self, on: bool) -> None:
         self._preview.want = on
@@ -165,7 +240,7 @@ class LiveHandle:
 
         while not self._stopping.is_set():
             with self._lock:
-                while self._switch_request is None or self._pipeline is None:
+                while self._switch_request is None or self._ticker is None:
                     if self._stopping.is_set():
                         return
                     self._switch_wanted.wait(0.5)
@@ -180,8 +255,7 @@ class LiveHandle:
                 log.exception("loading portrait %s failed", path)
                 on_done(f"analysis failed ({type(e).__name__})")
                 continue
-            self._pipeline.set_rig(rig.inputs())
-            self._pipeline.set_still(rig.image.numpy())
+            self._ticker.set_rig(rig.inputs(), rig.image.numpy())  # applied at the next tick
             self.portrait = path
             log.info("live: now showing %s", path.name)
             on_done(None)
@@ -211,8 +285,9 @@ class LiveHandle:
                 self._stopping.wait(MIC_RETRY_S)
                 continue
             try:
-                daemon = LiveDaemon(self._pipeline, mic, camera=self._open_camera(), reopen_camera=self._reopen_camera,
-                                    preview=self._preview, idle_frame=self._pipeline.image,
+                self._ticker.apply_pending()  # nothing ticks while the microphone is missing
+                daemon = LiveDaemon(self._ticker, mic, camera=self._open_camera(), reopen_camera=self._reopen_camera,
+                                    preview=self._preview, idle_frame=self._ticker.image,
                                     status_every_s=STATUS_EVERY_S, on_status=self._on_status)
                 with self._lock:
                     self._daemon = daemon
@@ -233,7 +308,7 @@ class LiveHandle:
         from engines.runtime import create_backend
 
         from avatar.controls import controls_tensor
-        from avatar.live import warm_up
+        from avatar.live import FrameTicker, PipelineTicker, warm_up
         from avatar.pipeline import Pipeline, load_engines
         from avatar.rig import load_rig
 
@@ -242,11 +317,15 @@ class LiveHandle:
         engines = load_engines(audio_model=self.audio_model, motion_model=self.motion_model)
         backend = create_backend(self.runtime, engines=engines)
         log.info("live: engines on %s", backend.describe())
-        pipeline = Pipeline(backend.engines(engines), rig.inputs(), controls_tensor(self.controls),
-                            seed=self.controls.seed)
-        warm_up(pipeline)
-        pipeline.set_controls(controls_tensor(self.controls))  # the latest, in case they changed meanwhile
-        self._pipeline = _TrayPipeline(pipeline, rig.image.numpy(), paused=self._paused)
+        controls = controls_tensor(self.controls)
+        if backend.device.type == "cpu":  # as avatar.live.run_live: the Pipeline offline renders use
+            inner = PipelineTicker(Pipeline(backend.engines(engines), rig.inputs(), controls, seed=self.controls.seed))
+        else:  # the frame engine keeps the state on the GPU and replays CUDA graphs
+            inner = FrameTicker(backend.frame_engine(engines, rig.inputs()), controls, seed=self.controls.seed)
+        warm_up(inner)
+        ticker = _TrayTicker(inner, rig.image.numpy(), paused=self._paused, badge=self.badge)
+        ticker.set_controls(controls_tensor(self.controls))  # the latest, in case they changed meanwhile
+        self._ticker = ticker
 
     def _open_camera(self):
         try:
@@ -282,3 +361,6 @@ class LiveHandle:
         else:
             state, message = "running", ""
         self._state = DaemonStatus(state, fps=fps, latency_ms=latency, message=message)
+        if now >= self._next_log:  # the daemon's summary line in the tray's log now and then
+            self._next_log = now + LOG_EVERY_S
+            log.info("%s", stats.summary())

@@ -44,13 +44,15 @@ class UI(Protocol):
 
 # A tkinter dialog in its own process: argv mode ("open", "yesno", "text"), title, text.
 _TK_DIALOG = r"""
-import sys, tkinter as tk
+import os, sys, tkinter as tk
 from tkinter import filedialog, messagebox
 mode, title, text = sys.argv[1:4]
 root = tk.Tk()
 root.withdraw()
 if mode == "open":
-    print(filedialog.askopenfilename(title=title, filetypes=[("Photos", text), ("All files", "*")]) or "")
+    start = os.path.expanduser("~/Pictures")
+    print(filedialog.askopenfilename(title=title, filetypes=[("Photos", text), ("All files", "*")],
+                                     initialdir=start if os.path.isdir(start) else os.path.expanduser("~")) or "")
 elif mode == "yesno":
     print("yes" if messagebox.askyesno(title, text) else "no")
 else:
@@ -75,8 +77,8 @@ class DesktopUI:
     """Dialogs through zenity, kdialog or tkinter (whichever exists, in that order), notifications
     through the tray icon. Without a display every dialog is a logged notification instead."""
 
-    def __init__(self, notify: Callable[[str], None] | None = None):
-        self._notify = notify
+    def __init__(self, notifier: Callable[[str], None] | None = None):
+        self.notifier = notifier  # shows a message on the desktop (the tray icon's notification)
 
     def _tool(self) -> str | None:
         if not has_display():
@@ -143,9 +145,9 @@ class DesktopUI:
 
     def notify(self, message: str) -> None:
         log.warning("%s", message)
-        if self._notify is not None:
+        if self.notifier is not None:
             try:
-                self._notify(message)
+                self.notifier(message)
             except Exception:  # no notification service: the log has it
                 log.debug("notification failed", exc_info=True)
 
