@@ -410,7 +410,11 @@ def load_saved_rig(path: Path, rig_class=None):
     with tempfile.TemporaryDirectory() as tmp:
         plain = Path(tmp) / "rig.pt"
         plain.write_bytes(lzma.decompress(Path(path).read_bytes()))
-        return rig_class.load(plain)
+        try:
+            return rig_class.load(plain)
+        except ValueError as e:  # saved for another rig format
+            raise AvatarError(f"the saved rig {path} is stale ({e}); on a machine with mediapipe run "
+                              "`python -m engines.export --save-rig` and commit it") from None
 
 
 def save_compressed_rig(rig, path: Path, *, preset: int = 9) -> None:
