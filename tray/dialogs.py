@@ -26,6 +26,8 @@ log = logging.getLogger("tray")
 PHOTO_PATTERNS = "*.jpg *.jpeg *.png *.webp *.bmp *.tif *.tiff *.JPG *.JPEG *.PNG"
 HEADLESS_ADD = ("adding a portrait needs a desktop session; in a terminal use: "
                 "vasa-avatar portraits add PHOTO --i-have-consent")
+NO_DIALOG_ADD = ("no file dialog available (install zenity, or Tk for Python: python3-tk); in a terminal use: "
+                 "vasa-avatar portraits add PHOTO --i-have-consent")
 
 
 class UI(Protocol):
@@ -86,7 +88,7 @@ class DesktopUI:
         for tool in ("zenity", "kdialog"):
             if platform.system() == "Linux" and shutil.which(tool):
                 return tool
-        return "tk" if importlib.util.find_spec("tkinter") else None
+        return "tk" if importlib.util.find_spec("_tkinter") else None
 
     def _tk(self, mode: str, title: str, text: str) -> str:
         done = subprocess.run([sys.executable, "-c", _TK_DIALOG, mode, title, text], capture_output=True, text=True)
@@ -95,7 +97,7 @@ class DesktopUI:
     def choose_photo(self) -> Path | None:
         tool = self._tool()
         if tool is None:
-            self.notify(HEADLESS_ADD)
+            self.notify(HEADLESS_ADD if not has_display() else NO_DIALOG_ADD)
             return None
         title = "Add a portrait photo"
         if tool == "zenity":
@@ -114,7 +116,7 @@ class DesktopUI:
     def confirm(self, title: str, question: str) -> bool:
         tool = self._tool()
         if tool is None:
-            self.notify(f"{title}: needs a desktop session to ask; not done")
+            self.notify(f"{title}: no dialog available to ask (install zenity or python3-tk); not done")
             return False
         if tool == "zenity":
             return subprocess.run(["zenity", "--question", f"--title={title}", f"--text={question}",
