@@ -447,3 +447,27 @@ def test_print_menu_command(tmp_path):
                   status=DaemonStatus("stopped")),
         Action("portraits_changed", (PortraitItem("astronaut", "Astronaut (bundled)", builtin=True),)))[0]))
     assert done.stdout == expected + "\n"
+
+
+def test_unsaveable_settings_are_reported_not_fatal(home):
+    blocker = home / "not-a-folder"
+    blocker.write_text("")
+    ui = FakeUI()
+    daemon = FakeDaemon()
+    c = TrayController(daemon=daemon, ui=ui, settings=Settings(), settings_file=blocker / "settings.json")
+    c.dispatch(Action("set_mood", "chill"))
+    assert c.state.settings.mood == "chill" and daemon.calls == [("set_controls", Controls(mood="chill"))]
+    assert ui.notes and ui.notes[-1].startswith("cannot save settings")
+
+
+def test_desktop_dialogs_without_a_display(monkeypatch):
+    from tray.dialogs import HEADLESS_ADD, DesktopUI
+
+    monkeypatch.setattr("platform.system", lambda: "Linux")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    notes = []
+    ui = DesktopUI(notifier=notes.append)
+    assert ui.choose_photo() is None and notes == [HEADLESS_ADD]
+    assert ui.confirm("Add portrait", "consent?") is False  # never a silent yes
+    assert "vasa-avatar portraits add" in HEADLESS_ADD
