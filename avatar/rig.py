@@ -21,7 +21,7 @@ from torch import Tensor
 
 from engines.face_decoder import RIG_INPUT_NAMES, RIG_INPUTS
 
-RIG_VERSION = 1
+RIG_VERSION = 2
 
 __all__ = ["RIG_INPUT_NAMES", "RIG_VERSION", "Rig", "build_rig", "load_rig", "rig_cache_dir"]
 
@@ -402,6 +402,7 @@ def _motion_weight(still: np.ndarray, frame: FaceFrame) -> np.ndarray:
     return _smoothstep(dist / (0.35 * frame.fw))
 
 
+IRIS_EDGE_PX = 2.0  # the iris layer reaches this far past the fitted iris radius (over the limbus)
 TEETH_EDGES_FW = (0.0, 0.06, 0.105, 0.14, 0.17, 0.2, 0.23)  # tooth boundaries from the midline, frontal
 UPPER_TOOTH_SHOW_FW = 0.025  # upper incisors hang this far below the upper lip's inner line
 LOWER_TOOTH_SHOW_FW = 0.008  # lower incisors reach this far above the lower lip's inner line
@@ -675,6 +676,7 @@ def eye_layers(img: np.ndarray, iris_centres: np.ndarray, frames: np.ndarray, li
     crop = img[origin[1]:origin[1] + height, origin[0]:origin[0] + width].astype(np.float32)
     ball = crop.copy()
     iris_rgba = np.zeros((height, width, 4), np.float32)
+    iris_rgba[..., 3] = -100.0  # signed distance: far outside every iris
     nearest = np.argmin(np.stack([np.hypot(xs - f[0], ys - f[1]) for f in frames]), axis=0)
     for e, (f, fit) in enumerate(zip(frames, lids)):
         centre, axis, half, radius = f[0:2], f[2:4], f[4], f[7]
@@ -707,31 +709,26 @@ def eye_layers(img: np.ndarray, iris_centres: np.ndarray, frames: np.ndarray, li
                 profile[:, ch] = np.interp(idx, idx[known], profile[known, ch])
         else:  # no iris visible at all (closed eye): a dark brown default
             profile[:] = (70, 50, 40)
-        disc = mine & (d <= radius + 2.5)
+        # the disc reaches IRIS_EDGE_PX past the fitted radius, over the dark limbus; its 4th
+        # channel is the signed distance to that edge (the decoder softens it only once it moves)
+        edge = radius + IRIS_EDGE_PX
+        disc = mine & (d <= edge + 2.0)
         rgb = np.where(opening[..., None], crop, profile[bins])
-        alpha = np.clip(radius + 2.5 - d, 0, 1)
-        iris_rgba[disc] = np.concatenate([rgb, alpha[..., None]], -1)[disc]
+        iris_rgba[disc] = np.concatenate([rgb, (edge - d)[..., None]], -1)[disc].astype(np.float32)
 
-        def at(uu, vv):
-            px = centre[0] + uu * axis[0] + vv * normal[0] - origin[0]
-            py = centre[1] + uu * axis[1] + vv * normal[1] - origin[1]
-            return cv2.remap(crop, px.astype(np.float32), py.astype(np.float32), cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_REPLICATE)
-
-        # eyeball: inside the opening the iris is replaced by sclera interpolated across it...
-        span = radius + 2.5
-        left, right = at(np.full_like(u, iu - span), v), at(np.full_like(u, iu + span), v)
-        w = np.clip((u - (iu - span)) / (2 * span), 0, 1)[..., None]
-        fill = left * (1 - w) + right * w
-        ball[opening & (d <= radius + 1.5) & mine] = fill[opening & (d <= radius + 1.5) & mine]
-        # ...and past the clean opening (under the lids and their shadow) its nearest clean row
-        # continues, a little shaded; where the iris would sit there, the sclera from beside it
-        lo_row = np.maximum(clean_low - 1.0, clean_up + 1.0)
-        hidden = mine & ~opening & (np.abs(u) < half * 1.1)
-        row_fill = at(u, np.clip(v, clean_up + 1.0, lo_row))
-        hidden_iris = hidden & (d <= radius + 1.5)
-        row_fill[hidden_iris] = fill[hidden_iris]
-        ball[hidden] = row_fill[hidden] * 0.88
+        # eyeball: the sclera inpainted over the iris's disc and past the clean opening (under the
+        # lids and their shadow), from the visible sclera only, a little shaded beyond the lids
+        top_y, bottom_y = up - f[5], low + f[6]
+        region = mine & (np.abs(u) < half * 1.15) & (v > top_y - 2) & (v < bottom_y + 2)
+        unknown = region & (~opening | (d <= edge))
+        known_sclera = region & opening & (d > edge + 0.5)
+        if known_sclera.sum() >= 8:
+            lo = cv2.inpaint(np.clip(crop, 0, 255).astype(np.uint8), (unknown | ~region).astype(np.uint8), 4,
+                             cv2.INPAINT_TELEA).astype(np.float32)
+            shade = np.where(opening, 1.0, 0.9)[..., None]
+            ball[unknown] = (lo * shade)[unknown]
+        else:  # no sclera to speak of (a closed eye): a plain light sclera, shaded
+            ball[unknown] = np.array([225.0, 215.0, 205.0]) * 0.85
     return ball, iris_rgba
 
 

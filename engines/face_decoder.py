@@ -122,7 +122,8 @@ RIG_INPUTS: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = (
     # sigma = u / half-width, coefficients from sigma^0 up
     ("eye_lids", (2, 2, 5), torch.float32),
     # the eyes' source crop: top-left pixel in the frame (x, y); the eyeballs with the irises
-    # removed (sclera filled, RGB) and the irises as full discs (straight RGBA)
+    # removed (sclera inpainted, RGB) and the irises as full discs (RGB + signed distance to the
+    # disc's edge, px, + inside)
     ("eye_src_origin", (2,), torch.float32),
     ("eye_ball", (1, 3, EYES_SRC_H, EYES_SRC_W), torch.float32),
     ("eye_iris", (1, 4, EYES_SRC_H, EYES_SRC_W), torch.float32),
@@ -486,6 +487,10 @@ class FaceDecoder(nn.Module):
                              mode="bilinear", padding_mode="border", align_corners=False)
         iris = F.grid_sample(eye_iris, ((s - gaze - src_origin + 0.5) * self.inv_eyes_src - 1.0).reshape(both),
                              mode="bilinear", padding_mode="border", align_corners=False)
-        eyeball = torch.lerp(ball, iris[:, 0:3], iris[:, 3:4])
+        # the iris's edge is a step while the eye is still (the photo exactly) and softens over a
+        # pixel once the gaze has moved it
+        travel = gaze.abs().amax(-1).clamp(1e-3, 1.0)  # (2, 1, 1) px, capped
+        sharp = (1.0 / travel).view(2, 1, 1).expand(2, EYE_H, EYE_W).reshape(1, 1, 2 * EYE_H, EYE_W)
+        eyeball = torch.lerp(ball, iris[:, 0:3], (0.5 + iris[:, 3:4] * sharp).clamp(0.0, 1.0))
         out = torch.lerp(skin, eyeball, opening.reshape(1, 1, 2 * EYE_H, EYE_W))  # (1, 3, 2H, W)
         return out.view(3, 2, EYE_H, EYE_W).transpose(0, 1), weight.view(2, 1, EYE_H, EYE_W)
