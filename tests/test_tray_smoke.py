@@ -102,13 +102,35 @@ def test_live_handle_switches_portrait_pause_and_controls_while_running(voice, r
         assert gaps.size >= 30 and gaps.max() < 0.2, "the camera kept getting frames through the switch"
         assert len(RecordingBackend.instances) == 1 and not camera.closed  # never reopened
 
+        # a photo not seen before: analysed on the switcher thread while the current one keeps talking
+        mirrored = rig_cache.parent / "grace_mirrored.png"
+        Image.open(GRACE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored)
+        t1 = time.monotonic()
+        handle.switch_portrait(mirrored, head_distance=1.0, on_done=lambda error: done.append((error, time.monotonic())))
+        meanwhile = []  # (time, distance of the camera's frame to the old portrait) during the analysis
+        while len(done) < 2 and time.monotonic() - t1 < 120:
+            meanwhile.append((time.monotonic(), distance(shown(camera), grace)))
+            time.sleep(0.1)
+        assert done[1][0] is None
+        assert done[1][1] - t1 > 1.0  # a real analysis, not a cache hit
+        stamps = camera.sent_at[:min(camera.frames, camera.capacity)]
+        gaps = np.diff(stamps[(stamps >= t1) & (stamps <= done[1][1])])
+        assert gaps.max() < 0.2, "frames kept going out while the photo was analysed"
+        before = [d for t, d in meanwhile if t < done[1][1] - 0.1]
+        assert len(before) >= 5 and max(before) < 20, "the old portrait kept talking until the new one was ready"
+        new = load_rig(mirrored)
+        wait_for(lambda: distance(shown(camera), new) < 0.5 * distance(shown(camera), grace), 1.0,
+                 "the analysed portrait on the camera")
+
         # a photo without a face: reported through on_done, the current portrait stays
         wall = rig_cache.parent / "wall.png"
         Image.new("RGB", (320, 400), (90, 120, 150)).save(wall)
         handle.switch_portrait(wall, head_distance=1.0, on_done=lambda error: done.append((error, 0)))
-        wait_for(lambda: len(done) == 2, 60, "the failed switch")
-        assert "no face" in done[1][0]
-        assert distance(shown(camera), grace) < 0.5 * distance(shown(camera), astronaut)
+        wait_for(lambda: len(done) == 3, 60, "the failed switch")
+        assert "no face" in done[2][0]
+        time.sleep(0.2)
+        assert distance(shown(camera), new) < 0.5 * distance(shown(camera), grace)
+        grace = new  # what the paused still shows below
 
         # pause: the camera keeps getting the badged still; resume: live frames again
         handle.set_paused(True)
