@@ -426,7 +426,7 @@ def _lip_line(uv: np.ndarray, ids, reach: float) -> np.ndarray:
 
 
 def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tuple[int, int],
-                 width: int, height: int, feather_px: float) -> dict[str, np.ndarray]:
+                 width: int, height: int) -> dict[str, np.ndarray]:
     """The mouth's layers on a source crop (height, width) at `origin` (frame px).
 
     Returns lip_upper / lip_lower (H, W, 4): the mouth-inpainted photo + signed distance (px, + on
@@ -692,7 +692,6 @@ def eye_layers(img: np.ndarray, iris_centres: np.ndarray, frames: np.ndarray, li
         visible = (v > clean_up + 1) & (v < clean_low - 1) & (np.abs(u) < half)
         ic = iris_centres[e]
         d = np.hypot(xs - ic[0], ys - ic[1])
-        iu = (ic - centre) @ axis
         mine = nearest == e
 
         # iris disc: visible pixels as they are, hidden ones from the mean colour at their radius
@@ -748,7 +747,6 @@ def build_rig(portrait) -> Rig:
 
     # -- the head window: a fixed-size square over the head (hair top first), inside the frame
     ring = hair_ring(person, lm, frame)
-    chin = lm[152, :2]
     top = min(ring[:, 1].min(), lm[:, 1].min()) - 0.2 * fw
     cx = (ring[:, 0].min() + ring[:, 0].max()) / 2
     x0 = int(np.clip(round(cx - fd.WIN / 2), 0, size - fd.WIN))
@@ -880,7 +878,7 @@ def build_rig(portrait) -> Rig:
     mnodes = np.stack([gx.ravel() + mx0, gy.ravel() + my0], 1)
     mouth_op = np.stack([operator(mnodes, lower_lip), operator(mnodes, upper_lip)])
     layers = mouth_layers(padded, lm + [pad, pad, 0], FaceFrame(frame.origin + pad, frame.ex, frame.ey, fw, frame.z0),
-                          (mx0 + pad, my0 + pad), fd.MOUTH_SRC_W, fd.MOUTH_SRC_H, fd.LIP_FEATHER_PX)
+                          (mx0 + pad, my0 + pad), fd.MOUTH_SRC_W, fd.MOUTH_SRC_H)
     a = layers["mouth_half_width"]
     blend = 1.0 - _smoothstep((np.abs(frame.local(mnodes)[:, 0]) - a) / 0.06)
 
