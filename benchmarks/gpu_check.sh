@@ -5,11 +5,12 @@
 #
 #   bash benchmarks/gpu_check.sh          # on the GPU machine, from anywhere in the repository
 #
-# That machine has torch (CUDA), numpy 2, onnx, onnxruntime (CPU provider) and pytest, but no
-# mediapipe, TensorRT, tqdm or platformdirs, and nothing can be installed there. The engines and
-# the benchmark need none of them; the astronaut's rig comes from benchmarks/data/ (made here
-# with mediapipe). If the rig format changed since it was saved, first run on the CPU machine:
-#     python -m engines.export --save-rig && git add benchmarks/data/astronaut.rig.pt.xz
+# That machine has torch (CUDA), numpy 2, onnx, onnxruntime (CPU provider), OpenCV and pytest,
+# but no mediapipe, TensorRT, tqdm or platformdirs, and nothing can be installed there. The engines
+# and the benchmark need none of them. The astronaut's rig comes from benchmarks/data/ (made with
+# mediapipe on the CPU machine): the saved rig while it fits the decoder, else rebuilt there from
+# the saved portrait analysis. To refresh both (optional, after decoder or portrait changes):
+#     python -m engines.export --save-rig && git add benchmarks/data/
 #
 # Every step has its own time limit and the script goes on after a failure; $OUT/summary.json
 # lists each step's exit status and seconds. Exit status: 0 when every step passed.
@@ -71,9 +72,13 @@ for name in ("onnx", "onnxruntime", "tensorrt", "mediapipe"):
         env[name] = __import__(name).__version__
     except ImportError:
         env[name] = None
-from engines.export import SAVED_RIG, load_saved_rig
-load_saved_rig(SAVED_RIG)  # the rig loads with torch alone (fails loudly if its format is stale)
-env["saved_rig"] = str(SAVED_RIG)
+from engines.export import SAVED_RIG, load_saved_rig, reference_rig
+try:
+    load_saved_rig(SAVED_RIG)
+    env["rig_source"] = str(SAVED_RIG)
+except Exception as e:  # a decoder change since it was saved: the portrait analysis rebuilds it
+    env["rig_source"] = f"rebuilt from the saved portrait ({e})"
+reference_rig()  # fails loudly if neither works
 json.dump(env, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(env))
 EOF

@@ -48,8 +48,11 @@ PRECISIONS = ("fp32", "fp16")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VOICE = REPO_ROOT / "avatar" / "assets" / "voice.wav"
 PORTRAIT = REPO_ROOT / "avatar" / "assets" / "astronaut.png"
-# the astronaut's rig, saved on a machine with mediapipe, for machines without it (the GPU machine)
+# the astronaut's rig and analysed portrait, saved on a machine with mediapipe, for machines
+# without it (the GPU machine): the rig when it still fits the decoder, else rebuilt from the
+# portrait (numpy and OpenCV only) after a decoder change
 SAVED_RIG = REPO_ROOT / "benchmarks" / "data" / "astronaut.rig.pt.xz"
+SAVED_PORTRAIT = REPO_ROOT / "benchmarks" / "data" / "astronaut.portrait.npz"
 
 
 # ---- parity: one place for the tolerances every back-end is held to -------------------------------
@@ -383,8 +386,9 @@ def read_voice(path: Path = VOICE, *, seconds: float | None = None) -> Tensor:
 
 
 def reference_rig():
-    """The astronaut's rig: from the rig cache / mediapipe where available, else the saved copy
-    under benchmarks/data/ (machines without mediapipe, such as the GPU check machine)."""
+    """The astronaut's rig: from the rig cache / mediapipe where available; elsewhere (the GPU check
+    machine) the saved rig under benchmarks/data/ while it fits the decoder, else one built from
+    the saved portrait analysis (build_rig needs numpy and OpenCV, not mediapipe)."""
     import importlib.util
 
     from avatar.rig import load_rig
@@ -393,18 +397,25 @@ def reference_rig():
         have_mediapipe = importlib.util.find_spec("mediapipe") is not None
     except (ImportError, ValueError):
         have_mediapipe = False
-    if not have_mediapipe and SAVED_RIG.is_file():
-        return load_saved_rig(SAVED_RIG)
-    try:
+    if have_mediapipe:
         return load_rig(PORTRAIT)
-    except ImportError:  # some other analysis library is missing
-        if not SAVED_RIG.is_file():
-            raise
-    return load_saved_rig(SAVED_RIG)
+    problems = []
+    if SAVED_RIG.is_file():
+        try:
+            return load_saved_rig(SAVED_RIG)
+        except AvatarError as e:
+            problems.append(str(e))
+    if SAVED_PORTRAIT.is_file():
+        from avatar.rig import build_rig
+
+        return build_rig(load_saved_portrait(SAVED_PORTRAIT))
+    raise AvatarError("no rig for the reference portrait: mediapipe is not installed and "
+                      f"{SAVED_PORTRAIT.name} is missing ({'; '.join(problems) or 'no saved rig'})")
 
 
 def load_saved_rig(path: Path, rig_class=None):
-    """A rig written by `save_compressed_rig` (torch.save bytes, xz-compressed)."""
+    """A rig written by `save_compressed_rig` (torch.save bytes, xz-compressed). AvatarError when
+    it was saved for another rig format (a decoder change since)."""
     if rig_class is None:
         from avatar.rig import Rig as rig_class
     with tempfile.TemporaryDirectory() as tmp:
@@ -415,6 +426,35 @@ def load_saved_rig(path: Path, rig_class=None):
         except ValueError as e:  # saved for another rig format
             raise AvatarError(f"the saved rig {path} is stale ({e}); on a machine with mediapipe run "
                               "`python -m engines.export --save-rig` and commit it") from None
+
+
+def save_portrait(portrait, path: Path) -> None:
+    """The analysed portrait (avatar.portrait.Portrait) as a compressed npz of its fields."""
+    import dataclasses
+
+    fields = {f.name: getattr(portrait, f.name) for f in dataclasses.fields(portrait)}
+    arrays = {k: np.asarray(v) for k, v in fields.items() if v is not None}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(path), buffer.getvalue())
+
+
+def load_saved_portrait(path: Path):
+    """A Portrait from `save_portrait`'s file; fields it lacks take their defaults, fields the
+    Portrait no longer has are dropped."""
+    import dataclasses
+
+    from avatar.portrait import Portrait
+
+    known = {f.name: f for f in dataclasses.fields(Portrait)}
+    with np.load(path, allow_pickle=False) as data:
+        values = {}
+        for name in data.files:
+            if name in known:
+                v = data[name]
+                values[name] = v.item() if v.ndim == 0 else v  # scalars (str, int, float) back to Python
+    return Portrait(**values)
 
 
 def save_compressed_rig(rig, path: Path, *, preset: int = 9) -> None:
@@ -569,14 +609,20 @@ def main(argv=None) -> int:
     p.add_argument("--motion-model", default="generator", choices=("generator", "baseline"))
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--save-rig", nargs="?", const=SAVED_RIG, type=Path, default=None, metavar="PATH",
-                   help=f"write the astronaut's rig, xz-compressed (default {SAVED_RIG.relative_to(REPO_ROOT)})")
+                   help=f"write the astronaut's rig, xz-compressed (default {SAVED_RIG.relative_to(REPO_ROOT)}), "
+                        f"and its portrait analysis beside it ({SAVED_PORTRAIT.name})")
     args = p.parse_args(argv)
     try:
         if args.save_rig is not None:
-            from avatar.rig import load_rig
+            from avatar.portrait import analyze_portrait
+            from avatar.rig import build_rig
 
-            save_compressed_rig(load_rig(PORTRAIT), args.save_rig)
-            print(f"wrote {args.save_rig} ({args.save_rig.stat().st_size / 1e6:.1f} MB)")
+            portrait = analyze_portrait(PORTRAIT)
+            save_compressed_rig(build_rig(portrait), args.save_rig)
+            portrait_path = Path(args.save_rig).with_name(SAVED_PORTRAIT.name)
+            save_portrait(portrait, portrait_path)
+            for path in (Path(args.save_rig), portrait_path):
+                print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
             return 0
         from avatar.controls import Controls, controls_tensor
         from avatar.pipeline import load_engines
