@@ -33,13 +33,17 @@ class BadgeStyle:
     text_alpha: float = 0.95
 
 
-def _font(pixels: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def _font(pixels: int) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, bool]:
+    """A font for `pixels` px and whether it is bold already."""
     for name in FONT_CANDIDATES:
         try:
-            return ImageFont.truetype(name, pixels)
+            return ImageFont.truetype(name, pixels), True
         except OSError:
             continue
-    return ImageFont.load_default(size=pixels)
+    try:
+        return ImageFont.load_default(size=pixels), False  # Pillow >= 10.1 ships a scalable font
+    except TypeError:  # older Pillow: a small bitmap font, still legible
+        return ImageFont.load_default(), False
 
 
 def render_badge(label: str, style: BadgeStyle = BadgeStyle(), *, scale: float = 1.0) -> np.ndarray:
@@ -47,8 +51,9 @@ def render_badge(label: str, style: BadgeStyle = BadgeStyle(), *, scale: float =
     ss = SUPERSAMPLE
     h = max(8, round(style.height * scale)) * ss
     pad = round(style.padding * scale) * ss
-    font = _font(round(h * style.text_height / 0.72))  # 0.72: cap height / em of typical sans fonts
-    left, top, right, bottom = font.getbbox(label, anchor="ls")
+    font, bold = _font(round(h * style.text_height / 0.72))  # 0.72: cap height / em of typical sans fonts
+    stroke = 0 if bold else max(1, h // 28)  # embolden a regular fallback font
+    left, top, right, bottom = font.getbbox(label, anchor="ls", stroke_width=stroke)
     w_text = right - left
     w = max(h, w_text + 2 * pad)
     w += -w % ss  # whole output pixels
@@ -58,7 +63,8 @@ def render_badge(label: str, style: BadgeStyle = BadgeStyle(), *, scale: float =
     text = Image.new("L", (w, h), 0)
     cap = -font.getbbox("I", anchor="ls")[1]  # baseline to cap top
     baseline = (h + cap) // 2
-    ImageDraw.Draw(text).text(((w - w_text) // 2 - left, baseline), label, fill=255, font=font, anchor="ls")
+    ImageDraw.Draw(text).text(((w - w_text) // 2 - left, baseline), label, fill=255, font=font, anchor="ls",
+                              stroke_width=stroke, stroke_fill=255)
     size = (w // ss, h // ss)
     pill_a = np.asarray(pill.resize(size, Image.Resampling.BOX), np.float32) / 255.0
     text_a = np.asarray(text.resize(size, Image.Resampling.BOX), np.float32) / 255.0
