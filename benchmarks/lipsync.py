@@ -58,6 +58,8 @@ CLOSED_FRACTION = 0.25  # lips count as closed below this fraction of the clip's
 ENVELOPE_SMOOTH = np.array([0.25, 0.5, 0.25])  # light smoothing of the per-frame RMS
 SILENCE_NOISE_DBFS = -65.0  # the "silent" part of the behaviour run: a quiet room, not digital zeros
 SECTIONS = ("synthetic", "real", "behaviour")
+PHONE_CLASSES = {"rounded": ("uw", "uh", "w", "ow"), "spread": ("iy", "ih", "ey", "y"),
+                 "open": ("aa", "ae", "ah", "ao", "aw", "ay"), "bilabial": ("m", "b", "p")}
 SHEET_FRAMES = 24
 SHEET_COLUMNS = 8
 
@@ -298,6 +300,17 @@ def synthetic_metrics(stream: Stream, rendered: Rendered, features: np.ndarray |
         "face_found_share": float(rendered.track.found.mean()),
         "render_measure_seconds": rendered.seconds,
     })
+    # mouth shape by phone class (frame-centre phone): does "oo" narrow, "ee" widen, m/b/p close?
+    labels = phone_labels(stream)
+    width = rendered.track.mouth_width
+    median_width = float(np.nanmedian(width[mask]))
+    by_class = {}
+    for name, members in PHONE_CLASSES.items():
+        sel = mask & np.array([lab in members for lab in labels])
+        by_class[name] = {"frames": int(sel.sum()),
+                          "aperture_mean": float(np.nanmean(aperture[sel])) if sel.any() else float("nan"),
+                          "width_vs_median": float(np.nanmean(width[sel]) / median_width) if sel.any() else float("nan")}
+    out["mouth_by_phone_class"] = by_class
     # where sync is lost, stage by stage, against the same targets (not the score: the score is
     # the measured frames above). closure "hit": the stage's closure signal >= 0.5 within +-1 frame
     jaw_cmd = rendered.motion[:, motion_index("jaw_open")]
@@ -451,7 +464,9 @@ def contact_sheet(rows: list[tuple[str, Rendered]], window: range, labels: list[
                         cv2.LINE_AA)
         blocks.append(block)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(blocks, axis=0), cv2.COLOR_RGB2BGR))
+    from PIL import Image  # a 256-colour palette keeps the committed sheet small (~4x)
+
+    Image.fromarray(np.concatenate(blocks, axis=0)).quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,10 +603,14 @@ def main() -> None:
         rendered = render_stream(pipeline, synth.audio, reference, keep=window)
         m = synthetic_metrics(synth, rendered, encoder_features(pipeline.engines.encoder, synth.audio))
         results["held_out_synthetic"]["models"][key] = m
-        sheet_rows.append((f"{key}: frames {window.start}-{window.stop - 1} of \"{sheet_seg.info['text']}\" "
-                           f"({sheet_seg.name})", rendered))
+        if not key.endswith("+baseline"):  # the baseline stays off the sheet: its mouth only follows loudness
+            sheet_rows.append((f"{key}: frames {window.start}-{window.stop - 1} of \"{sheet_seg.info['text']}\" "
+                               f"({sheet_seg.name})", rendered))
         print(f"  r0 {m['r_lag0']:.3f}  r_best {m['r_best']:.3f} @ {m['best_lag_frames']:+d}  closures "
               f"{m['bilabial_closure_hit_rate']:.2f} of {m['bilabials']}  ({rendered.seconds:.0f} s)", flush=True)
+        cls = m["mouth_by_phone_class"]
+        print("  width/median: " + ", ".join(f"{k} {v['width_vs_median']:.3f}" for k, v in cls.items())
+              + "; aperture: " + ", ".join(f"{k} {v['aperture_mean']:.3f}" for k, v in cls.items()), flush=True)
         st = m["stages"]
         print(f"  stages: encoder jaw r0 {st.get('encoder_jaw_open_vs_target', {}).get('r_lag0', float('nan')):.3f}, "
               f"closures {st.get('encoder_lips_closed_closure_hit_rate', float('nan')):.2f}; commanded jaw r0 "
