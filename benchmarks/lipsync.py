@@ -1,8 +1,9 @@
 """Lip-sync and behaviour benchmark: the real pipeline renders, the face mesh measures the frames.
 
 Every number here comes from rendered 512x512 frames (Pipeline.step per 400-sample block, then
-flush), measured with avatar/facemeasure.py. Nothing reads the motion vector to score lip sync;
-the commanded motion is recorded beside the measures only to check the measuring (blinks, head).
+flush), measured with avatar/facemeasure.py. No score reads the motion vector: the commanded
+motion and the encoder's own features are recorded beside the measures only to check the
+measuring (blinks, head, aperture vs commanded jaw) and to show at which stage sync is lost.
 
 Sections (written to benchmarks/results/lipsync.json):
 - held-out synthetic speech: conversational sentences held out of training (engines/speech_data.py
@@ -20,8 +21,10 @@ Sections (written to benchmarks/results/lipsync.json):
 A contact sheet of ~24 consecutive frames' mouths (2x) with the phone under each frame is saved
 as benchmarks/results/lipsync_sheet.png.
 
-    python benchmarks/lipsync.py            # full run (~15 min on a quiet 2-core CPU)
+    python benchmarks/lipsync.py            # full run: ~10 min of wall time on this shared 2-core
+                                            # CPU for dsp alone, ~13 min with trained + dsp + baseline
     python benchmarks/lipsync.py --quick    # smoke run (~2 min)
+    python benchmarks/lipsync.py --audio-models dsp --sections synthetic   # one part
 
 Lag sign: + means the face moves after the audio target.
 """
