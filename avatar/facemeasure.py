@@ -20,9 +20,10 @@ subject's, so the subject's right eye 33/133 is on the viewer's left):
   expressions move least (eye corners and sockets, nose bridge, cheekbones, the ear-side face
   oval: RIGID); the 2x3 affine camera is projected onto the nearest scaled rotation. Only the
   reference's mesh depth is used (the mesh's per-frame depth wanders by ~7 px with
-  expressions). Measured on the astronaut: a rendered yaw of +-10 deg reads +9.6/-8.7, pitch +-8
-  reads +6.0/-4.9, roll 8 reads 7.4; expressions alone (jaw, smile, brows, blinks) read as
-  head motion of at most about 1.5 deg.
+  expressions). The angle read is the one the picture shows, which a 2.5D warp of a photo
+  understates: on the astronaut with the FaceDecoder of 2025-11-27, a rendered yaw of +-8 deg
+  reads +6.0/-5.3, pitch +-8 reads +3.7/-5.0, roll 8 reads 7.2 (an earlier rig: yaw +-10 read
+  +9.6/-8.7). Expressions alone (jaw, smile, brows, blinks) read as at most about 1.5 deg.
 - iris_right / iris_left: iris centre (468 / 473) in the eye's own frame, in half eye widths from
   the midpoint of the two corners: x along the corner axis (+1 is the corner on the viewer's
   right, so gaze_yaw + moves it +), y perpendicular to it (+ down).
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from avatar.constants import FPS, FRAME_SIZE
+from avatar.constants import FPS
 
 N_LANDMARKS = 478  # the face mesh with refine_landmarks=True (iris points 468-477)
 
@@ -212,9 +213,8 @@ class FaceMeter:
     a face is the reference. Keeps only the per-frame measures (memory ~100 B/frame), never frames.
     """
 
-    def __init__(self, *, video: bool = True, reference: np.ndarray | None = None, size: int = FRAME_SIZE):
+    def __init__(self, *, video: bool = True, reference: np.ndarray | None = None):
         self.video = video
-        self.size = size
         self.reference = None if reference is None else np.asarray(reference, dtype=np.float64)
         self._mesh = None
         self._rows: list[tuple] = []
@@ -272,9 +272,3 @@ class FaceMeter:
                          aperture=rows[:, 0], mouth_width=rows[:, 1], ear_right=rows[:, 2], ear_left=rows[:, 3],
                          yaw=rows[:, 4], pitch=rows[:, 5], roll=rows[:, 6], iris_right=rows[:, 7:9],
                          iris_left=rows[:, 9:11], jitter=rows[:, 11])
-
-    def reset(self) -> None:
-        """Forget the measures (the reference stays): the next clip starts a new track. The mesh's
-        tracker is not reset, so use a new FaceMeter for an unrelated clip."""
-        self._rows = []
-        self._previous = None
