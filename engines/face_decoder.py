@@ -376,7 +376,9 @@ class FaceDecoder(nn.Module):
             window.scatter_(1, index, torch.lerp(under, image.reshape(3, -1), weight.reshape(1, -1)))
 
         # every layer is a convex blend of 0..255 values, so rounding needs no clamp
-        window_u8 = window.round().to(torch.uint8).T  # (N_WIN, 3)
+        # (N_WIN, 3): interleaving the uint8 rows by stack is ~2x cheaper on CPUs than the copy of a
+        # transposed view (which cat would make)
+        window_u8 = torch.stack(window.round().to(torch.uint8).unbind(0), dim=1)
         frame = torch.cat([photo_u8, window_u8], dim=0).index_select(0, frame_source)
         return frame.view(1, FRAME_SIZE, FRAME_SIZE, 3)
 
