@@ -351,13 +351,16 @@ class FaceDecoder(nn.Module):
         # -- head window: the person through the main map, over the still background
         moved = (win_shift.abs().sum(-1, keepdim=True) * (1.0 / ALPHA_RAMP_PX)).clamp(max=1.0)
         coarse = torch.cat([win_shift * self.inv_frame, moved], dim=-1).view(1, GRID, GRID, 3)
-        dense = _upsample_mm(coarse, self.win_up_rows, self.win_up_cols)  # (1, 3, WIN, WIN)
-        grid = (window_grid + dense[:, 0:2]).permute(0, 2, 3, 1)  # channel-first storage: cheap adds
+        # upsampled as in _upsample_mm, the pixel centres added inside the second matmul (baddbmm)
+        cols = coarse.permute(0, 3, 1, 2)[0] @ self.win_up_cols  # (3, GRID, WIN)
+        grid = torch.baddbmm(window_grid[0], self.win_up_rows.expand(2, -1, -1), cols[0:2])
+        grid = grid.unsqueeze(0).permute(0, 2, 3, 1)  # channel-first storage: cheap adds
+        moved_dense = self.win_up_rows @ cols[2]  # (WIN, WIN)
         sampled = F.grid_sample(photo_rgbm, grid, mode="bilinear", padding_mode="border",
                                 align_corners=False)  # (1, 4, WIN, WIN)
         # where the map has moved, the person's mask decides between person and background; where
         # it has not (all of it at neutral) the photo shows as it is
-        alpha = (sampled[:, 3:4] - 1.0).mul_(dense[:, 2:3]).add_(1.0)
+        alpha = (sampled[:, 3:4] - 1.0).mul_(moved_dense).add_(1.0)
         window = torch.lerp(window_background, sampled[:, 0:3], alpha).view(3, N_WIN)
 
         mouth = self._mouth(displacement, anchor_src, anchors, mouth_origin, mouth_shift, mouth_operator,
