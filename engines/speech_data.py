@@ -15,7 +15,8 @@ ramps before and after.
 Voicing and pitch targets come from the clean audio by the encoder's own NCCF analysis.
 Augmentation (applied only to what the network hears): reverberation with a synthetic room
 response, noise (white, pink, brown, babble; 5-30 dB SNR), microphone EQ (telephone, laptop,
-tilt), level (+-14 dB around -28 dBFS speech) with clipping, and pitch shifts with sox.
+tilt), level (+-14 dB around -28 dBFS speech) with clipping, a microphone noise floor
+(-90..-60 dBFS), and pitch shifts with sox.
 
 HELD-OUT VOICES (never in training): the speaker slt (flite slt and festival
 cmu_us_slt_arctic_hts), the espeak dialect en-gb-scotland, and the espeak variant f4. Held-out
@@ -586,6 +587,12 @@ def augment(clean: np.ndarray, rng: np.random.Generator, babble: list[np.ndarray
     rms = np.sqrt(np.mean(x[active] ** 2)) if active.any() else np.sqrt(np.mean(x**2)) + 1e-9
     x = x * (10 ** (level_db / 20) / (rms + 1e-12))
     info["level_db"] = float(level_db)
+    if rng.random() < 0.75:
+        # a real microphone's self-noise (-90..-60 dBFS), so a muted or silent room is learned as
+        # silence; the other quarter keeps digital zeros between words
+        floor_db = rng.uniform(-90, -60)
+        x = x + _colored_noise(rng, len(x), float(rng.choice([0.0, 1.0]))) * 10 ** (floor_db / 20)
+        info["floor_db"] = float(floor_db)
     return np.clip(x, -1.0, 1.0).astype(np.float32), info
 
 
