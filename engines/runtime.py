@@ -791,7 +791,7 @@ class TensorRTEngine:
     def bind(self, tensor: str, buffer: Tensor, *, context: int = 0) -> None:
         shape, dtype = self.specs[tensor]
         if tuple(buffer.shape) != shape or buffer.dtype != dtype or not buffer.is_contiguous() \
-                or buffer.device != self.device:
+                or not _same_device(buffer.device, self.device):
             raise ValueError(f"{self.name}.{tensor} needs a contiguous {shape} {dtype} tensor on {self.device}, "
                              f"got {tuple(buffer.shape)} {buffer.dtype} on {buffer.device}")
         if not self.contexts[context].set_tensor_address(tensor, buffer.data_ptr()):
@@ -981,3 +981,9 @@ def default_plan_dir() -> Path:
 register_backend("torch", TorchBackend)
 register_backend("onnxruntime", OnnxRuntimeBackend)
 register_backend("tensorrt", TensorRTBackend)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """"cuda" and "cuda:0" name the same device when the current device is 0: an index left out
+    matches any index (seen on the H100: buffers on cuda:0 refused by an engine made for "cuda")."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
