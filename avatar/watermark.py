@@ -118,9 +118,9 @@ def load_install_id(config_dir: str | os.PathLike | None = None) -> int:
     hard-linked into place, which fails if another process got there first; then its id is read.
     """
     if config_dir is None:
-        from platformdirs import user_config_dir
+        from avatar.settings import config_dir as user_config_dir  # honours VASA_AVATAR_CONFIG
 
-        config_dir = user_config_dir("vasa-avatar")
+        config_dir = user_config_dir()
     path = Path(config_dir) / "install_id"
     existing = _read_install_id(path)
     if existing is not None:

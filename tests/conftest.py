@@ -1,8 +1,12 @@
 """Shared test set-up: quiet mediapipe, bounded torch threads, and the `cuda` marker's skip."""
 
 import os
+import tempfile
 
 os.environ.setdefault("GLOG_minloglevel", "2")
+# tests never read or write the user's real settings, portrait library or install id
+for _var in ("VASA_AVATAR_CONFIG", "VASA_AVATAR_DATA"):
+    os.environ.setdefault(_var, tempfile.mkdtemp(prefix=f"{_var.lower()}-"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
