@@ -58,7 +58,7 @@ def _cpu_name() -> str:
 
 def bench_engines(backend: str = "auto", *, frames: int = 500, out: Path | None = RESULTS_DIR,
                   device: str | None = None, cuda_graph: bool = True, threads: int | None = None,
-                  audio_model: str = "trained", motion_model: str = "generator", plan_dir: Path | None = None,
+                  audio_model: str = "auto", motion_model: str = "generator", plan_dir: Path | None = None,
                   warmup: int = WARMUP_FRAMES, label: str | None = None, progress: bool = False) -> dict:
     """Time `frames` frames on `backend` ("auto", "torch", "onnxruntime", "tensorrt", or any
     registered name). `out`: the results folder (None: do not write). Returns the results dict:
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     e.add_argument("--warmup", type=int, default=WARMUP_FRAMES)
     e.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="torch on CUDA: run eagerly")
     e.add_argument("--threads", type=int, default=None, help="CPU threads (torch intra-op / onnxruntime per session)")
-    e.add_argument("--audio-model", default="trained", choices=("trained", "dsp"))
+    e.add_argument("--audio-model", default="auto", choices=("auto", "trained", "dsp"))
     e.add_argument("--motion-model", default="generator", choices=("generator", "baseline"))
     e.add_argument("--plan-dir", type=Path, default=None, help="TensorRT plans (default: the engine cache's)")
     e.add_argument("--label", default=None, help="name in the results file (default: the back-end's)")

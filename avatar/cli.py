@@ -37,7 +37,7 @@ def _add_motion_flags(p: argparse.ArgumentParser, *, live: bool = False) -> None
                    help="framing: 1.0 head and shoulders, smaller is closer (0.6..1.6)")
     p.add_argument("--expressiveness", type=float, default=None if live else 1.0, help="motion intensity 0..2 (default 1)")
     p.add_argument("--blink-rate", type=float, default=None, help="blinks per minute (default: the mood's)")
-    p.add_argument("--audio-model", default="trained", choices=("trained", "dsp"),
+    p.add_argument("--audio-model", default="auto", choices=("auto", "trained", "dsp"),
                    help="audio encoder: the trained network or the DSP baseline")
     p.add_argument("--motion-model", default="generator", choices=("generator", "baseline"),
                    help="motion: the generator or the loudness baseline")
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("engines", help="ms per frame per engine and for the whole frame")
     b.add_argument("--backend", default="auto", help="auto, torch, onnxruntime, tensorrt")
     b.add_argument("--frames", type=int, default=500)
-    b.add_argument("--audio-model", default="trained", choices=("trained", "dsp"))
+    b.add_argument("--audio-model", default="auto", choices=("auto", "trained", "dsp"))
     b.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     b.set_defaults(run=_bench)
     b = bench.add_parser("live", help="a file through a fake microphone into a fake camera, at real-time pace")

@@ -512,7 +512,7 @@ def _phase_shift(phases: np.ndarray) -> float:
 
 def run_live(*, portrait: str | os.PathLike, controls, mic: str | int | None = None, camera: bool = True,
              camera_backend: str | None = None, camera_device: str | None = None, preview: bool = False,
-             delayed_mic: str | int | None = None, audio_model: str = "trained", motion_model: str = "generator",
+             delayed_mic: str | int | None = None, audio_model: str = "auto", motion_model: str = "generator",
              face_index: int | None = None, runtime: str = "auto", audio_backend=None, torch_threads: int = 1,
              gate: bool = True, badge: bool = True,
              seconds: float | None = None, record: bool = False,
@@ -618,7 +618,7 @@ GOALS = {"fps_new_min": 40.0, "on_time_share_min": 0.99, "latency_p95_ms_max": 1
 
 
 def bench_live(*, audio: Path, seconds: float, portrait: Path | None, out: Path,
-               audio_model: str = "trained", motion_model: str = "generator", runtime: str = "auto",
+               audio_model: str = "auto", motion_model: str = "generator", runtime: str = "auto",
                device_rate: int = 48_000, torch_threads: int = 1) -> dict:
     """Play `audio` through a fake microphone (a thread calling the real callback at real-time pace,
     at `device_rate` Hz stereo so the resampler works as with a real device, looping the file) into

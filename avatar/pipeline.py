@@ -10,6 +10,7 @@ offline callers flush with `flush()` to get the last frames; live callers simply
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -92,13 +93,26 @@ class Pipeline:
             yield self.render(self.motion_step(silence))
 
 
-AUDIO_MODELS = ("trained", "dsp")
+AUDIO_MODELS = ("auto", "trained", "dsp")
 MOTION_MODELS = ("generator", "baseline")
 
 
-def load_engines(*, audio_model: str = "trained", motion_model: str = "generator") -> Engines:
+def resolve_audio_model(name: str) -> str:
+    """"auto" -> "trained" when the trained encoder's weights are installed, else "dsp"."""
+    if name != "auto":
+        return name
+    from engines.audio_encoder import WEIGHTS_DIR
+
+    if (WEIGHTS_DIR / "audio_encoder.pt").is_file():
+        return "trained"
+    logging.getLogger("avatar.pipeline").info("no trained audio encoder weights installed: using the DSP encoder")
+    return "dsp"
+
+
+def load_engines(*, audio_model: str = "auto", motion_model: str = "generator") -> Engines:
     """The torch reference engines, in eval mode. `audio_model` "dsp" and `motion_model`
-    "baseline" select the comparison baselines."""
+    "baseline" select the comparison baselines; "auto" is the trained encoder when its weights
+    are installed, else the DSP baseline (said once in the log)."""
     from engines.audio_encoder import load_audio_encoder
     from engines.face_decoder import FaceDecoder
 
@@ -110,5 +124,5 @@ def load_engines(*, audio_model: str = "trained", motion_model: str = "generator
         from avatar.errors import AvatarError
 
         raise AvatarError(f"unknown motion model {motion_model!r}: use one of {', '.join(MOTION_MODELS)}")
-    return Engines(encoder=load_audio_encoder(audio_model).eval(), generator=generator_class().eval(),
+    return Engines(encoder=load_audio_encoder(resolve_audio_model(audio_model)).eval(), generator=generator_class().eval(),
                    decoder=FaceDecoder().eval())

@@ -20,7 +20,7 @@ from avatar.constants import FPS, SAMPLES_PER_FRAME, SAMPLE_RATE
 from avatar.controls import Controls, controls_tensor
 from avatar.disclosure import FrameMarker
 from avatar.media import VideoWriter, open_audio
-from avatar.pipeline import Pipeline, load_engines
+from avatar.pipeline import Pipeline, load_engines, resolve_audio_model
 from avatar.rig import load_rig
 
 FRAME_QUEUE = 8  # frames in flight between the engines and the encoder: bounded, so memory is too
@@ -51,11 +51,12 @@ def provenance(controls: Controls, audio_model: str) -> dict[str, str]:
 
 
 def render_file(*, portrait: Path, audio: Path, output: Path, controls: Controls,
-                audio_model: str = "trained", motion_model: str = "generator", face_index: int | None = None,
+                audio_model: str = "auto", motion_model: str = "generator", face_index: int | None = None,
                 badge: bool = True, progress: bool = True) -> RenderResult:
     """Render `audio` spoken by `portrait` into `output` (H.264 512x512 at FPS, AAC audio).
     Every frame carries the invisible watermark and, unless `badge` is False, the AI badge."""
     started = time.perf_counter()
+    audio_model = resolve_audio_model(audio_model)
     rig = load_rig(portrait, head_distance=controls.head_distance, face_index=face_index)
     engines = load_engines(audio_model=audio_model, motion_model=motion_model)
     pipeline = Pipeline(engines, rig.inputs(), controls_tensor(controls), seed=controls.seed)

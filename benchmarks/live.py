@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="speech to play as the microphone (looped to --seconds)")
     p.add_argument("--seconds", type=float, default=60.0, help="how long to run (default 60)")
     p.add_argument("--portrait", type=Path, default=None, help="photo (default: the bundled portrait)")
-    p.add_argument("--audio-model", default="trained", choices=("trained", "dsp"))
+    p.add_argument("--audio-model", default="auto", choices=("auto", "trained", "dsp"))
     p.add_argument("--motion-model", default="generator", choices=("generator", "baseline"))
     p.add_argument("--runtime", default="auto", help="engine back-end: auto, torch, onnxruntime, tensorrt")
     p.add_argument("--torch-threads", type=int, default=1)

@@ -169,7 +169,7 @@ class LiveHandle:
 
     def __init__(self, *, portrait: Path, controls, mic: str | None = None, paused: bool = False,
                  preview: bool = False, badge: bool = True, on_preview_closed: Callable[[str | None], None] = lambda reason: None,
-                 runtime: str = "auto", audio_model: str = "trained", motion_model: str = "generator",
+                 runtime: str = "auto", audio_model: str = "auto", motion_model: str = "generator",
                  camera_backend: str | None = None, audio_backend=None, torch_threads: int = 1):
         self.portrait = Path(portrait)
         self.controls = controls
