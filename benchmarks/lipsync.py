@@ -61,6 +61,7 @@ CLOSED_FRACTION = 0.25  # lips count as closed below this fraction of the clip's
 ENVELOPE_SMOOTH = np.array([0.25, 0.5, 0.25])  # light smoothing of the per-frame RMS
 SILENCE_NOISE_DBFS = -65.0  # the "silent" part of the behaviour run: a quiet room, not digital zeros
 SECTIONS = ("synthetic", "real", "behaviour")
+STOPS = ("t", "d", "k", "g", "dx", "ch", "jh")  # non-bilabial stops: a silent closure, lips apart
 PHONE_CLASSES = {"rounded": ("uw", "uh", "w", "ow"), "spread": ("iy", "ih", "ey", "y"),
                  "open": ("aa", "ae", "ah", "ao", "aw", "ay"), "bilabial": ("m", "b", "p")}
 SHEET_FRAMES = 24
@@ -270,8 +271,30 @@ def speech_mask(stream: Stream) -> np.ndarray:
     return mask
 
 
+def _closure_events(phones: list, n_frames: int) -> tuple[list, np.ndarray, list, np.ndarray]:
+    """Bilabials (phone, mid s) with their midpoint frames, and the other speech phones whose
+    midpoint frame lies more than 2 frames from any bilabial (where closed lips are false)."""
+    from engines.speech_data import BILABIALS, bilabial_midpoints, normalize_phone
+
+    named = [(normalize_phone(p), s, e) for p, s, e in phones if e > s]
+    bilabial = [(p, 0.5 * (s + e)) for p, s, e in named if p in BILABIALS]
+    mids = bilabial_midpoints(phones)
+    assert len(mids) == len(bilabial)
+    ok = (mids >= 1) & (mids < n_frames - 1)
+    bilabial, mids = [b for b, k in zip(bilabial, ok) if k], mids[ok]
+    spans = [(int(s * FPS), int(np.ceil(e * FPS))) for p, s, e in named if p in BILABIALS]
+    others, other_frames = [], []
+    for p, s, e in named:
+        m = int(0.5 * (s + e) * FPS)
+        if p in BILABIALS or p == "pau" or m >= n_frames or any(a - 2 <= m < b + 2 for a, b in spans):
+            continue
+        others.append(p)
+        other_frames.append(m)
+    return bilabial, mids, others, np.array(other_frames, dtype=np.int64)
+
+
 def synthetic_metrics(stream: Stream, rendered: Rendered, features: np.ndarray | None = None) -> dict:
-    from engines.speech_data import articulation_targets, bilabial_midpoints
+    from engines.speech_data import articulation_targets
 
     phones = [p for seg in stream.segments for p in seg.phones]
     targets = articulation_targets(phones, stream.frames)  # (T, 4): jaw, wide, round, closed
@@ -281,14 +304,11 @@ def synthetic_metrics(stream: Stream, rendered: Rendered, features: np.ndarray |
     out = lagged_correlation(aperture, jaw, mask)
     out["mouth_width_vs_lips_wide"] = lagged_correlation(rendered.track.mouth_width, targets[:, 1] - targets[:, 2], mask)
     threshold = CLOSED_FRACTION * float(np.nanmedian(aperture[mask]))
-    mids = bilabial_midpoints(phones)
-    mids = mids[(mids >= 1) & (mids < stream.frames - 1)]
+    bilabial, mids, others, other_frames = _closure_events(phones, stream.frames)
     window_min = np.array([np.nanmin(aperture[m - 1:m + 2]) for m in mids]) if len(mids) else np.zeros(0)
     hits = window_min < threshold
-    # which bilabials were missed: phone, stream time, measured min aperture vs threshold
-    mid_phones = [(p, s, e) for p, s, e in phones if p in ("m", "b", "p")]
-    misses = [{"phone": p, "time_s": round(0.5 * (s + e), 3), "min_aperture": round(float(w), 4)}
-              for (p, s, e), w, h in zip(mid_phones, window_min, hits) if not h][:40]
+    false_closed = aperture[other_frames] < threshold
+    stops = np.array([p in STOPS for p in others], dtype=bool)
     out.update({
         "closure_threshold_aperture": threshold,
         "median_speech_aperture": float(np.nanmedian(aperture[mask])),
@@ -296,7 +316,13 @@ def synthetic_metrics(stream: Stream, rendered: Rendered, features: np.ndarray |
         "bilabial_closure_hit_rate": float(hits.mean()) if len(hits) else float("nan"),
         "bilabial_closure_hit_rate_within_2_frames": float(np.mean(
             [np.nanmin(aperture[max(0, m - 2):m + 3]) < threshold for m in mids])) if len(mids) else float("nan"),
-        "missed_bilabials": misses,
+        "missed_bilabials": [{"phone": p, "time_s": round(t, 3), "min_aperture": round(float(w), 4)}
+                             for (p, t), w, h in zip(bilabial, window_min, hits) if not h][:40],
+        # closed lips at the midpoint of a phone that is not m/b/p (and not next to one)
+        "false_closure_rate": float(false_closed.mean()) if len(others) else float("nan"),
+        "false_closure_rate_stops": float(false_closed[stops].mean()) if stops.any() else float("nan"),
+        "false_closure_rate_other_phones": float(false_closed[~stops].mean()) if (~stops).any() else float("nan"),
+        "non_bilabial_phones": len(others),
         "per_clip_r_lag0": {f"{i}:{seg.name}": round(_corr(aperture[seg.speech[0]:seg.speech[1]],
                                                             jaw[seg.speech[0]:seg.speech[1]]), 3)
                             for i, seg in enumerate(stream.segments)},
@@ -315,16 +341,24 @@ def synthetic_metrics(stream: Stream, rendered: Rendered, features: np.ndarray |
                           "width_vs_median": float(np.nanmean(width[sel]) / median_width) if sel.any() else float("nan")}
     out["mouth_by_phone_class"] = by_class
     # where sync is lost, stage by stage, against the same targets (not the score: the score is
-    # the measured frames above). closure "hit": the stage's closure signal >= 0.5 within +-1 frame
+    # the measured frames above). A stage's closure: its closure signal >= 0.5 (within +-1 frame
+    # of a bilabial midpoint for a hit, at the midpoint of another phone for a false closure)
     jaw_cmd = rendered.motion[:, motion_index("jaw_open")]
     press_cmd = rendered.motion[:, motion_index("lips_press")]
-    hit = lambda x: float(np.mean([np.nanmax(x[m - 1:m + 2]) >= 0.5 for m in mids])) if len(mids) else float("nan")  # noqa: E731
+
+    def closure_rates(x: np.ndarray) -> tuple[float, float]:
+        hit = float(np.mean([np.nanmax(x[m - 1:m + 2]) >= 0.5 for m in mids])) if len(mids) else float("nan")
+        false = float(np.mean(x[other_frames] >= 0.5)) if len(others) else float("nan")
+        return hit, false
+
     stages = {"commanded_jaw_open_vs_target": lagged_correlation(jaw_cmd, jaw, mask),
-              "commanded_lips_press_closure_hit_rate": hit(press_cmd),
               "meter_check_aperture_vs_commanded_jaw_open": lagged_correlation(aperture, jaw_cmd, mask)}
+    stages["commanded_lips_press_closure_hit_rate"], stages["commanded_lips_press_false_closure_rate"] = \
+        closure_rates(press_cmd)
     if features is not None:
         stages["encoder_jaw_open_vs_target"] = lagged_correlation(features[:, 0], jaw, mask)
-        stages["encoder_lips_closed_closure_hit_rate"] = hit(features[:, 3])
+        stages["encoder_lips_closed_closure_hit_rate"], stages["encoder_lips_closed_false_closure_rate"] = \
+            closure_rates(features[:, 3])
     for v in stages.values():
         if isinstance(v, dict):
             v.pop("r_by_lag")
@@ -497,14 +531,17 @@ def verdict(results: dict) -> dict:
     return out
 
 
-def encoder_weights_info() -> dict:
+def encoder_weights_info(path: Path | None = None) -> dict:
     from engines.audio_encoder import WEIGHTS_DIR
 
-    path = WEIGHTS_DIR / "audio_encoder.pt"
+    path = Path(path) if path is not None else WEIGHTS_DIR / "audio_encoder.pt"
+    name = str(path.relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
     if not path.is_file():
-        return {"path": str(path.relative_to(ROOT)), "present": False}
+        return {"path": name, "present": False}
     data = path.read_bytes()
-    return {"path": str(path.relative_to(ROOT)), "present": True, "sha256": hashlib.sha256(data).hexdigest()[:16],
+    committed = subprocess.run(["git", "log", "-1", "--format=%h %cI", "--", str(path)], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip() if path.resolve().is_relative_to(ROOT) else ""
+    return {"path": name, "present": True, "last_commit": committed or None, "sha256": hashlib.sha256(data).hexdigest()[:16],
             "bytes": len(data), "modified": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime))}
 
 
@@ -520,6 +557,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 sentences, 2 real clips, 12+6 s behaviour")
     parser.add_argument("--audio-models", nargs="+", default=["trained", "dsp"])
+    parser.add_argument("--trained-weights", type=Path, default=None,
+                        help="evaluate this AudioEncoder checkpoint as 'trained' (default: engines/weights/audio_encoder.pt)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the loudness-baseline motion row")
     parser.add_argument("--behaviour", nargs=2, type=float, metavar=("TALK_S", "SILENT_S"), default=None,
                         help="seconds of looped speech and of quiet for the behaviour run (default 60 30)")
@@ -552,7 +591,13 @@ def main() -> None:
     for audio_model, motion_model in configs:
         key = f"{audio_model}+{motion_model}"
         try:
-            engines = load_engines(audio_model=audio_model, motion_model=motion_model)
+            if audio_model == "trained" and args.trained_weights is not None:
+                from engines.audio_encoder import load_trained_weights
+
+                engines = load_engines(audio_model="dsp", motion_model=motion_model)
+                engines.encoder = load_trained_weights(args.trained_weights).eval()
+            else:
+                engines = load_engines(audio_model=audio_model, motion_model=motion_model)
             pipelines[key] = Pipeline(engines, rig.inputs(), controls_tensor(Controls()), seed=args.seed)
         except (AvatarError, RuntimeError, KeyError) as e:  # missing weights, or weights of another shape
             errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0]}" + (
@@ -575,7 +620,7 @@ def main() -> None:
                     "python": platform.python_version(), "torch": torch.__version__, "torch_threads": args.threads},
         "portrait": str(Path(DEFAULT_PORTRAIT).relative_to(ROOT)) if Path(DEFAULT_PORTRAIT).is_relative_to(ROOT)
         else str(DEFAULT_PORTRAIT),
-        "audio_encoder_weights": encoder_weights_info(),
+        "audio_encoder_weights": encoder_weights_info(args.trained_weights),
         "goals": GOALS,
         "definitions": {
             "aperture": "inner-lip gap 13-14 over face width 234-454 (face mesh on the rendered frame)",
@@ -583,7 +628,8 @@ def main() -> None:
             "synthetic_target": "jaw_open from engines.speech_data.articulation_targets(phones); frames in the "
                                 "sentences' speech spans (first to last phone, padding excluded)",
             "closure": f"aperture < {CLOSED_FRACTION} x the clip's median speech aperture in any frame within +-1 "
-                       "of a bilabial phone's midpoint frame",
+                       "of a bilabial phone's midpoint frame; a false closure: the same at the midpoint frame of a "
+                       "phone that is not m/b/p and is more than 2 frames from one",
             "real_target": "RMS per 25 ms frame, smoothed [1 2 1]/4 (envelope_db: the same in dB, 40 dB floor)",
             "blinks": "hysteresis on mean EAR: start < 0.78, end > 0.88 x the clip's median (open) EAR, <= 1 s",
             "head": "weak-perspective fit of rigid mesh points to the neutral photo's 3D mesh, degrees",
@@ -610,14 +656,18 @@ def main() -> None:
             sheet_rows.append((f"{key}: frames {window.start}-{window.stop - 1} of \"{sheet_seg.info['text']}\" "
                                f"({sheet_seg.name})", rendered))
         print(f"  r0 {m['r_lag0']:.3f}  r_best {m['r_best']:.3f} @ {m['best_lag_frames']:+d}  closures "
-              f"{m['bilabial_closure_hit_rate']:.2f} of {m['bilabials']}  ({rendered.seconds:.0f} s)", flush=True)
+              f"{m['bilabial_closure_hit_rate']:.2f} of {m['bilabials']}, false closures {m['false_closure_rate']:.2f} "
+              f"(stops {m['false_closure_rate_stops']:.2f}) of {m['non_bilabial_phones']}  ({rendered.seconds:.0f} s)",
+              flush=True)
         cls = m["mouth_by_phone_class"]
         print("  width/median: " + ", ".join(f"{k} {v['width_vs_median']:.3f}" for k, v in cls.items())
               + "; aperture: " + ", ".join(f"{k} {v['aperture_mean']:.3f}" for k, v in cls.items()), flush=True)
         st = m["stages"]
         print(f"  stages: encoder jaw r0 {st.get('encoder_jaw_open_vs_target', {}).get('r_lag0', float('nan')):.3f}, "
-              f"closures {st.get('encoder_lips_closed_closure_hit_rate', float('nan')):.2f}; commanded jaw r0 "
-              f"{st['commanded_jaw_open_vs_target']['r_lag0']:.3f}, closures {st['commanded_lips_press_closure_hit_rate']:.2f}; "
+              f"closures {st.get('encoder_lips_closed_closure_hit_rate', float('nan')):.2f} false "
+              f"{st.get('encoder_lips_closed_false_closure_rate', float('nan')):.2f}; commanded jaw r0 "
+              f"{st['commanded_jaw_open_vs_target']['r_lag0']:.3f}, closures {st['commanded_lips_press_closure_hit_rate']:.2f} "
+              f"false {st['commanded_lips_press_false_closure_rate']:.2f}; "
               f"meter check r0 {st['meter_check_aperture_vs_commanded_jaw_open']['r_lag0']:.3f}", flush=True)
     for key, pipeline in pipelines.items():
         if "real" not in args.sections or key.endswith("+baseline"):
