@@ -61,7 +61,13 @@ def _controls(args: argparse.Namespace, settings=None):
 
 
 def _render(args: argparse.Namespace) -> int:
+    import torch
+
     from avatar.render import render_file
+
+    # one torch thread for the engines, the other core for the H.264 encoder thread: on two cores
+    # two torch threads fighting x264 measured several times slower (ARCHITECTURE §4)
+    torch.set_num_threads(1)
 
     result = render_file(portrait=Path(args.portrait), audio=Path(args.audio), output=Path(args.output),
                          controls=_controls(args), audio_model=args.audio_model, motion_model=args.motion_model,
