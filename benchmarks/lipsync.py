@@ -14,7 +14,9 @@ Sections (written to benchmarks/results/lipsync.json):
   synthesizer's lead/tail padding left out); the share of bilabial (m/b/p) midpoints at which the
   lips measure closed within +-1 frame.
 - real recorded speech (alsa-utils channel tests, and codec2-examples when installed): r of the
-  aperture with the loudness envelope (RMS per 25 ms frame, [1 2 1]/4 smoothed) and its lag.
+  aperture with the loudness envelope (RMS per 25 ms frame, [1 2 1]/4 smoothed) and its lag;
+  false closures without phone labels: the share of loud frames (>= -6 dB from the clip's peak)
+  with closed lips, and closure events inside the alsa clips' words, which have no m/b/p.
 - behaviour: looped real speech then quiet room noise (-65 dBFS): blink rate per minute
   talking / silent from the eye aspect ratio, head yaw/pitch/roll std, frame-to-frame jitter of
   rigid landmarks after removing the head motion.
@@ -382,6 +384,25 @@ def real_metrics(stream: Stream, rendered: Rendered) -> dict:
     out["envelope_db"] = lagged_correlation(aperture, db, mask)
     out["per_clip_r_lag0"] = {seg.name: round(_corr(aperture[seg.start:seg.end], envelope[seg.start:seg.end]), 3)
                               for seg in stream.segments}
+    # false closures without phone labels: lips closed while the voice is loud (>= -6 dB from the
+    # clip's peak; m/b/p are quieter than that), and closures inside the alsa clips' words, which
+    # have no m/b/p at all ("front/rear/side", "left/right/center"; f is lip-to-teeth, not closed)
+    loud, speaking = np.zeros(stream.frames, bool), np.zeros(stream.frames, bool)
+    for seg in stream.segments:
+        env = envelope[seg.start:seg.end]
+        loud[seg.start:seg.end] = env >= 0.5 * env.max()
+        speaking[seg.start:seg.end] = env >= 0.1 * env.max()
+    threshold = CLOSED_FRACTION * float(np.nanmedian(aperture[speaking & mask]))
+    closed = aperture < threshold
+    out["closure_threshold_aperture"] = threshold
+    out["closed_while_loud_share"] = float(closed[loud & mask].mean())
+    alsa = [seg for seg in stream.segments if seg.name in ALSA_FILES]
+    if alsa:
+        events = {}
+        for seg in alsa:
+            inside = closed[seg.start:seg.end] & speaking[seg.start:seg.end]
+            events[seg.name] = int(np.sum(np.diff(np.concatenate([[0], inside.astype(int)])) == 1))
+        out["alsa_closures_in_words"] = {"events": sum(events.values()), "clips": len(alsa), "per_clip": events}
     out["face_found_share"] = float(rendered.track.found.mean())
     out["render_measure_seconds"] = rendered.seconds
     return out
@@ -631,6 +652,8 @@ def main() -> None:
                        "of a bilabial phone's midpoint frame; a false closure: the same at the midpoint frame of a "
                        "phone that is not m/b/p and is more than 2 frames from one",
             "real_target": "RMS per 25 ms frame, smoothed [1 2 1]/4 (envelope_db: the same in dB, 40 dB floor)",
+            "real_false_closures": "closed (as above, median over frames >= -20 dB from the clip's peak) in frames "
+                                   ">= -6 dB from it; alsa clips: runs of closed frames within -20 dB of the peak",
             "blinks": "hysteresis on mean EAR: start < 0.78, end > 0.88 x the clip's median (open) EAR, <= 1 s",
             "head": "weak-perspective fit of rigid mesh points to the neutral photo's 3D mesh, degrees",
             "jitter": "mean residual (px at 512) of rigid points after the best 2D affine map between consecutive frames",
@@ -676,8 +699,9 @@ def main() -> None:
         rendered = render_stream(pipeline, real.audio, reference)
         m = real_metrics(real, rendered)
         results["real_speech"]["models"][key] = m
-        print(f"  envelope r0 {m['r_lag0']:.3f}  r_best {m['r_best']:.3f} @ {m['best_lag_frames']:+d}  "
-              f"({rendered.seconds:.0f} s)", flush=True)
+        print(f"  envelope r0 {m['r_lag0']:.3f}  r_best {m['r_best']:.3f} @ {m['best_lag_frames']:+d}; closed while "
+              f"loud {m['closed_while_loud_share']:.3f}; closures in alsa words (no m/b/p) "
+              f"{m.get('alsa_closures_in_words', {}).get('events')}  ({rendered.seconds:.0f} s)", flush=True)
 
     if sheet_rows:
         contact_sheet(sheet_rows, window, labels, args.sheet)
