@@ -610,7 +610,7 @@ class Utterance:
     articulation: np.ndarray  # (N / 400, 4) jaw, wide, round, closed per frame; NaN where unknown
     phones: list  # [(ARPAbet, start s, end s)]
     augmentation: dict
-    f0_hz: np.ndarray | None = None  # per frame, only for hums (known exactly)
+    f0_hz: np.ndarray | None = None  # per frame, only for hums and room tone (known exactly)
 
 
 def _shift_semitones(rng: np.random.Generator) -> float:
@@ -638,11 +638,26 @@ def random_voice(rng: np.random.Generator, held_out: bool) -> Voice:
             return voice
 
 
-def make_job(index: int, seed: int, held_out: bool, text: str, hum_fraction: float = 0.0):
+def make_job(index: int, seed: int, held_out: bool, text: str, hum_fraction: float = 0.0,
+             silence_fraction: float = 0.0):
     rng = np.random.default_rng([seed, index, int(held_out)])
-    if rng.random() < hum_fraction:
+    draw = rng.random()
+    if draw < hum_fraction:
         return ("hum", index, seed, held_out, text)
+    if draw < hum_fraction + silence_fraction:
+        return ("silence", index, seed, held_out, text)
     return (random_voice(rng, held_out), index, seed, held_out, text)
+
+
+def room_tone(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    """Nobody speaking: microphone self-noise and room noise, -90..-45 dBFS, sometimes EQ'd.
+    Teaches that steady quiet noise is silence (relaxed lips), not a stop closure."""
+    n = int(seconds * SAMPLE_RATE)
+    noise = _colored_noise(rng, n, float(rng.choice([0.0, 1.0, 2.0])))
+    if rng.random() < 0.5:
+        noise = microphone_eq(noise, rng)
+    noise = noise / (np.std(noise) + 1e-12) * 10 ** (rng.uniform(-90, -45) / 20)
+    return np.pad(noise, (0, -n % SAMPLES_PER_FRAME)).astype(np.float32)
 
 
 _WORKER: dict = {}
@@ -687,6 +702,12 @@ def render_job(job) -> Utterance:
         art = np.full((n_frames, 4), np.nan, np.float32)
         heard, info = augment(audio, rng, _babble_bank(seed))
         return Utterance(Voice("hum", "hum"), "", audio, heard, art, [], info, frame_hz.astype(np.float32))
+    if voice == "silence":
+        heard = room_tone(rng, rng.uniform(1.0, 4.0))
+        n_frames = len(heard) // SAMPLES_PER_FRAME
+        zeros = np.zeros((n_frames, 4), np.float32)
+        return Utterance(Voice("silence", "room"), "", np.zeros_like(heard), heard, zeros, [], {"room_tone": True},
+                         np.zeros(n_frames, np.float32))
     clean, phones = synthesize(text, voice, tmp, espeak)
     n_frames = len(clean) // SAMPLES_PER_FRAME
     art = articulation_targets(phones, n_frames)

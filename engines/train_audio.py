@@ -49,6 +49,7 @@ class TrainConfig:
     train_utterances: int = 4000
     eval_utterances: int = 240
     hum_fraction: float = 0.04
+    silence_fraction: float = 0.04  # room tone without speech
     steps: int = 9000
     batch: int = 40
     crop_ticks: int = 100  # 2.5 s of audio per training sequence
@@ -74,7 +75,7 @@ def _init_worker() -> None:
 
 def build_corpus(cfg: TrainConfig, log) -> tuple[list, list]:
     """(train utterances, held-out utterances), from the cache when it has them."""
-    key = hashlib.sha256(json.dumps([cfg.seed, cfg.train_utterances, cfg.eval_utterances, cfg.hum_fraction,
+    key = hashlib.sha256(json.dumps([cfg.seed, cfg.train_utterances, cfg.eval_utterances, cfg.hum_fraction, cfg.silence_fraction,
                                      Path(speech_data.__file__).read_text()]).encode()).hexdigest()[:16]
     path = speech_data.CACHE_DIR / f"corpus-{key}.pkl"
     if path.exists():
@@ -82,7 +83,8 @@ def build_corpus(cfg: TrainConfig, log) -> tuple[list, list]:
         with open(path, "rb") as f:
             return pickle.load(f)
     train_text, held_text = speech_data.text_pools(cfg.seed)
-    jobs = [speech_data.make_job(i, cfg.seed, False, train_text[i % len(train_text)], cfg.hum_fraction)
+    jobs = [speech_data.make_job(i, cfg.seed, False, train_text[i % len(train_text)], cfg.hum_fraction,
+                                 cfg.silence_fraction)
             for i in range(cfg.train_utterances)]
     jobs += [speech_data.make_job(i, cfg.seed, True, held_text[i % len(held_text)]) for i in range(cfg.eval_utterances)]
     t0 = time.time()
@@ -122,7 +124,7 @@ def utterance_tensors(model: AudioEncoder, utt: speech_data.Utterance) -> dict[s
     clean = clean[0].numpy()
     clean_db = frame_db(torch.from_numpy(utt.clean).reshape(-1, SAMPLES_PER_FRAME)).numpy()
     ticks = mel.shape[1]
-    if utt.f0_hz is not None:  # hums: voiced exactly where the tone sounds
+    if utt.f0_hz is not None:  # hums and room tone: voiced exactly where a tone sounds
         voiced = _shift((utt.f0_hz > 0).astype(np.float32), 0.0)
     else:
         # voiced: periodic and within 35 dB of the utterance's loudest frame (clean audio)
