@@ -266,7 +266,8 @@ class DSPAudioEncoder(nn.Module):
 
         voicing = periodic * audible * tonal
         speech = relative * voicing
-        jaw = relative.pow(1.5) * (0.45 + 0.55 * is_open)
+        # the automatic gain would lift steady hiss to "speech": below -50 dBFS nothing opens the jaw
+        jaw = relative.pow(1.5) * (0.45 + 0.55 * is_open) * audible
         quiet_frames = (quiet_frames + 1.0) * quiet[:, None]  # counts frames of quiet, 0 when loud
         # a stop closure lasts 50-120 ms: quiet for at most 4 frames right after speech
         gap = quiet * (quiet_frames[:, 0] <= 4.0).to(torch.float32)
