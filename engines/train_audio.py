@@ -1,6 +1,7 @@
 """Train the AudioEncoder on locally synthesized speech; evaluate on held-out voices.
 
-Reproduce the committed weights (30-50 minutes on a shared 2-core CPU, synthesis included):
+Reproduce the committed weights (19 minutes on a shared 2-core CPU, synthesis included; up to
+about 40 when other work loads the cores):
 
     nice -n 10 python -m engines.train_audio --out engines/weights/audio_encoder.pt
 
