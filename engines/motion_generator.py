@@ -241,11 +241,23 @@ class _Constants:
 
     An op with a Python number costs ~3 us more on the CPU than the same op with a tensor (measured
     here: x * 2.0 4.4 us, x * y 1.2 us), and this engine is a few hundred ops on (B, 1) tensors, so
-    that overhead would be most of its time. 0-dim CPU tensors also combine with CUDA tensors."""
+    that overhead would be most of its time. The forward pass takes them from `on(device)`: a
+    CUDA graph cannot capture the host-to-device copies that mixing CPU constants into CUDA ops
+    (torch.where of two of them, say) would make on every frame."""
 
-    def __init__(self, **values: float):
+    def __init__(self, device: torch.device | None = None, **values: float):
         for name, value in values.items():
-            setattr(self, name, torch.tensor(float(value)))
+            setattr(self, name, torch.tensor(float(value), device=device))
+        self._copies: dict[torch.device, _Constants] = {}
+
+    def on(self, device: torch.device) -> _Constants:
+        """The constants as tensors on `device` (made on first use, then cached)."""
+        if device.type == "cpu":
+            return self
+        if device not in self._copies:
+            values = {name: float(value) for name, value in vars(self).items() if name.isupper()}
+            self._copies[device] = _Constants(device, **values)
+        return self._copies[device]
 
 
 K = _Constants(
@@ -274,11 +286,11 @@ K = _Constants(
 )
 
 
-def _nod_step(pos, vel, drive):
+def _nod_step(pos, vel, drive, k: _Constants = K):
     """One frame of a nod spring pushed toward `drive` (a decaying pulse), damped; semi-implicit Euler.
     Works on tensors and on Python numbers (for the calibration below)."""
-    vel = vel * K.NOD_DAMP + (drive - pos) * K.NOD_STIFF
-    return pos + vel * K.DT, vel, drive * K.NOD_DRIVE_DECAY
+    vel = vel * k.NOD_DAMP + (drive - pos) * k.NOD_STIFF
+    return pos + vel * k.DT, vel, drive * k.NOD_DRIVE_DECAY
 
 
 def _nod_kick_gain() -> float:
@@ -294,9 +306,9 @@ NOD_KICK = _nod_kick_gain()
 K.NOD_KICK = torch.tensor(NOD_KICK)
 
 
-def _smoothstep(x: Tensor) -> Tensor:
+def _smoothstep(x: Tensor, k: _Constants = K) -> Tensor:
     x = x.clamp(0.0, 1.0)
-    return x * x * (K.SMOOTH_3 - K.SMOOTH_2 * x)
+    return x * x * (k.SMOOTH_3 - k.SMOOTH_2 * x)
 
 
 def _row(values) -> Tensor:
@@ -346,14 +358,15 @@ class MotionGenerator(nn.Module):
                 head: Tensor, blink: Tensor, gaze: Tensor, brow: Tensor) -> tuple[Tensor, ...]:
         """features (B, 7), controls (B, N_CONTROLS), noise (B, N_NOISE), state per STATE_SHAPES
         -> motion (B, N_CHANNELS), then the new state in STATE_SHAPES order."""
+        k = K.on(features.device)  # the scalar constants, on the features' device
         f = dict(zip(ARTICULATION, features.split(1, dim=1)))  # (B, 1) each
         n = NOISE.unpack(self.noise_low + self.noise_span * noise)  # (B, w) each, in its NOISE_RANGES
         p = PROSODY.unpack(prosody)
         zero = torch.zeros_like(f["loudness"])  # (B, 1)
-        ages = TIMERS.unpack((timers + K.DT).clamp(max=LONG_AGO))  # every timer a frame older; reset below
+        ages = TIMERS.unpack((timers + k.DT).clamp(max=LONG_AGO))  # every timer a frame older; reset below
 
         # ---- controls: glide to the requested ones (start on them at the first frame) -----------
-        first = p["started"] < K.HALF
+        first = p["started"] < k.HALF
         controls_a = torch.where(first, controls, controls_a.lerp(controls, _alpha(CONTROL_TAU)))
         controls_b = torch.where(first, controls, controls_b.lerp(controls_a, _alpha(CONTROL_TAU)))
         o = dict(zip(MOTION_GROUPS.names, controls_b[:, :N_CHANNELS].split(MOTION_GROUPS.widths, dim=1)))
@@ -363,70 +376,70 @@ class MotionGenerator(nn.Module):
 
         # ---- prosody: speech detection, phrase timers, stressed syllables ------------------------
         loud, pitch = f["loudness"], f["pitch"]
-        floor = torch.where(loud < p["floor"], p["floor"].lerp(loud, 0.5), p["floor"] + K.FLOOR_STEP)
-        threshold = torch.clamp(floor + K.FLOOR_MARGIN, min=SPEECH_LOUDNESS)
+        floor = torch.where(loud < p["floor"], p["floor"].lerp(loud, 0.5), p["floor"] + k.FLOOR_STEP)
+        threshold = torch.clamp(floor + k.FLOOR_MARGIN, min=SPEECH_LOUDNESS)
         speech = loud > threshold
-        voiced = speech & (f["voicing"] > K.HALF)
-        onset = speech & (ages["silence"] > K.PAUSE_S)  # the silence timer is one frame older here
+        voiced = speech & (f["voicing"] > k.HALF)
+        onset = speech & (ages["silence"] > k.PAUSE_S)  # the silence timer is one frame older here
         silence = torch.where(speech, zero, ages["silence"])
-        phrase_end = (silence >= K.BOUNDARY_S) & (silence < K.BOUNDARY_END)
+        phrase_end = (silence >= k.BOUNDARY_S) & (silence < k.BOUNDARY_END)
         since_boundary = torch.where(onset | phrase_end, zero, ages["since_boundary"])
-        talking = silence < K.PAUSE_S  # holds through closures and short gaps
+        talking = silence < k.PAUSE_S  # holds through closures and short gaps
         speaking = talking.to(zero.dtype)
         activity = p["activity"].lerp(speaking, _alpha(ACTIVITY_TAU))
 
         # running averages over speech: a plain mean over the first frames, then an EMA
-        n_speech = torch.where(speech, torch.clamp(p["n_speech"] + K.ONE, max=AVG_COUNT_CAP), p["n_speech"])
-        n_voiced = torch.where(voiced, torch.clamp(p["n_voiced"] + K.ONE, max=AVG_COUNT_CAP), p["n_voiced"])
+        n_speech = torch.where(speech, torch.clamp(p["n_speech"] + k.ONE, max=AVG_COUNT_CAP), p["n_speech"])
+        n_voiced = torch.where(voiced, torch.clamp(p["n_voiced"] + k.ONE, max=AVG_COUNT_CAP), p["n_voiced"])
         loud_avg = torch.where(speech, p["loud_avg"].lerp(loud, n_speech.clamp(min=1.0).reciprocal()), p["loud_avg"])
         pitch_avg = torch.where(voiced, p["pitch_avg"].lerp(pitch, n_voiced.clamp(min=1.0).reciprocal()),
                                 p["pitch_avg"])
         loud_fast = p["loud_fast"].lerp(loud, _alpha(LOUD_FAST_TAU))
         pitch_fast = torch.where(voiced, p["pitch_fast"].lerp(pitch, _alpha(PITCH_FAST_TAU)), p["pitch_fast"])
         pitch_rise = pitch_fast - pitch_avg
-        drive = torch.where(speech, loud_fast - loud_avg + K.PITCH_STRESS_WEIGHT * pitch_rise.clamp(min=0.0), zero)
-        stress = (drive >= K.STRESS_THRESHOLD) & (p["drive"] < K.STRESS_THRESHOLD) & (
-            ages["since_stress"] > K.STRESS_REFRACTORY)
+        drive = torch.where(speech, loud_fast - loud_avg + k.PITCH_STRESS_WEIGHT * pitch_rise.clamp(min=0.0), zero)
+        stress = (drive >= k.STRESS_THRESHOLD) & (p["drive"] < k.STRESS_THRESHOLD) & (
+            ages["since_stress"] > k.STRESS_REFRACTORY)
         since_stress = torch.where(stress, zero, ages["since_stress"])
-        strength = (drive - K.STRESS_THRESHOLD).clamp(0.0, 0.2) * K.STRENGTH_GAIN + K.STRENGTH_BASE  # 0.6 .. 1.0
+        strength = (drive - k.STRESS_THRESHOLD).clamp(0.0, 0.2) * k.STRENGTH_GAIN + k.STRENGTH_BASE  # 0.6 .. 1.0
 
         # ---- mouth: asymmetric smoothing; a closure closes the lips in its own frame --------------
         m = MOUTH.unpack(mouth)
-        press_target = torch.where(talking, ((f["lips_closed"] - K.CLOSURE_LOW) * K.CLOSURE_GAIN).clamp(0.0, 1.0),
+        press_target = torch.where(talking, ((f["lips_closed"] - k.CLOSURE_LOW) * k.CLOSURE_GAIN).clamp(0.0, 1.0),
                                    zero)
         press = torch.where(press_target > m["press"], press_target, m["press"].lerp(press_target, A_PRESS_RELEASE))
-        open_ = K.ONE - press
-        jaw_target = f["jaw_open"] * ((loud - threshold) * K.JAW_GATE_GAIN + K.HALF).clamp(0.0, 1.0)
-        jaw = m["jaw"].lerp(jaw_target, torch.where(jaw_target > m["jaw"], K.A_JAW_OPEN, K.A_JAW_CLOSE)) * open_
+        open_ = k.ONE - press
+        jaw_target = f["jaw_open"] * ((loud - threshold) * k.JAW_GATE_GAIN + k.HALF).clamp(0.0, 1.0)
+        jaw = m["jaw"].lerp(jaw_target, torch.where(jaw_target > m["jaw"], k.A_JAW_OPEN, k.A_JAW_CLOSE)) * open_
         lips = m["lips"].lerp(features[:, 1:3] * speaking, A_LIPS)  # (B, 2) wide, round
 
         # ---- gaze, (B, 2) = (yaw, pitch): saccadic jumps between targets -------------------------
         g = GAZE.unpack(gaze)
         target = torch.cat([raw["gaze_yaw"], raw["gaze_pitch"]], dim=1)  # raw: a new target is a jump, not a drift
-        wander_jump = n["wander_hazard"] < K.WANDER_P
-        wander = torch.where(raw["gaze_wander"] > K.HALF, torch.where(wander_jump, n["wander"], g["wander"]), zero)
+        wander_jump = n["wander_hazard"] < k.WANDER_P
+        wander = torch.where(raw["gaze_wander"] > k.HALF, torch.where(wander_jump, n["wander"], g["wander"]), zero)
 
-        saccade = (n["saccade_hazard"] < c["saccade_rate"] * K.SACCADE_P) & (
-            ages["since_saccade"] > K.SACCADE_REFRACTORY)
-        micro_gain = torch.clamp(expr, min=MICRO_ALIVE) * (K.ONE + K.MICRO_TALK * activity)
+        saccade = (n["saccade_hazard"] < c["saccade_rate"] * k.SACCADE_P) & (
+            ages["since_saccade"] > k.SACCADE_REFRACTORY)
+        micro_gain = torch.clamp(expr, min=MICRO_ALIVE) * (k.ONE + k.MICRO_TALK * activity)
         micro = torch.where(saccade, n["saccade"] * micro_gain, g["micro"])
         since_saccade = torch.where(saccade, zero, ages["since_saccade"])
 
-        avert_now = onset & (n["avert_hazard"] < K.AVERT_PROBABILITY)
+        avert_now = onset & (n["avert_hazard"] < k.AVERT_PROBABILITY)
         avert_new = (n["avert"] + torch.sign(n["avert"]) * self.avert_push) * expr  # |yaw| >= AVERT_YAW[0]
-        avert_left = torch.where(avert_now, n["avert_duration"], g["avert_left"] - K.DT)
-        looking_back = (avert_left <= K.ZERO) | (silence >= K.AVERT_END_SILENCE)
+        avert_left = torch.where(avert_now, n["avert_duration"], g["avert_left"] - k.DT)
+        looking_back = (avert_left <= k.ZERO) | (silence >= k.AVERT_END_SILENCE)
         avert = torch.where(avert_now, avert_new, torch.where(looking_back, zero, g["avert"]))
         avert_left = avert_left.clamp(min=-1.0)
 
         want = target + wander + avert + micro
-        shift = (want - g["eye"]).abs().sum(dim=1, keepdim=True) > K.SHIFT_DEG
+        shift = (want - g["eye"]).abs().sum(dim=1, keepdim=True) > k.SHIFT_DEG
         since_shift = torch.where(shift, zero, ages["since_shift"])
         eye = g["eye"].lerp(want, A_SACCADE)  # line of sight, before the head is taken out
 
         # ---- head, (B, 6) per HEAD_AXES: drift + nods/turns + breathing + following the gaze -----
         h = HEAD.unpack(head)
-        a_drift = K.ONE - torch.exp(K.DRIFT_DECAY / c["smoothing"])
+        a_drift = k.ONE - torch.exp(k.DRIFT_DECAY / c["smoothing"])
         drift_a = drift_a.lerp(n["drift"], a_drift)
         drift_b = drift_b.lerp(drift_a, a_drift)
         # two cascaded one-poles fed unit-variance noise have std ~ sqrt(a)/2 (within 3% for these a)
@@ -437,14 +450,14 @@ class MotionGenerator(nn.Module):
             onset, self.onset_low + self.onset_span * n["nod"], zero)
         nods = NOD.unpack(nod)
         nod_pos, nod_vel, nod_drive = _nod_step(nods["pos"], nods["vel"],
-                                                nods["drive"] + kick * (c["nod_gain"] * expr * K.NOD_KICK))
+                                                nods["drive"] + kick * (c["nod_gain"] * expr * k.NOD_KICK), k)
 
         breath_rate = h["breath_rate"].lerp(n["breath"], _alpha(BREATH_RATE_TAU))
-        phase = torch.remainder(h["breath_phase"] + K.BREATH_STEP + breath_rate * K.BREATH_WOBBLE, 2.0 * math.pi)
-        breath = (torch.sin(phase) + K.BREATH_HARMONIC * torch.sin(phase + phase + K.BREATH_SKEW)) * (
-            (K.ONE - K.BREATH_TALK_DROP * activity) * torch.clamp(expr, min=ALIVE))  # a quicker inhale than exhale
+        phase = torch.remainder(h["breath_phase"] + k.BREATH_STEP + breath_rate * k.BREATH_WOBBLE, 2.0 * math.pi)
+        breath = (torch.sin(phase) + k.BREATH_HARMONIC * torch.sin(phase + phase + k.BREATH_SKEW)) * (
+            (k.ONE - k.BREATH_TALK_DROP * activity) * torch.clamp(expr, min=ALIVE))  # a quicker inhale than exhale
 
-        follow = h["follow"].lerp(K.GAZE_FOLLOW * (target + wander) + K.AVERT_FOLLOW * avert, _alpha(FOLLOW_TAU))
+        follow = h["follow"].lerp(k.GAZE_FOLLOW * (target + wander) + k.AVERT_FOLLOW * avert, _alpha(FOLLOW_TAU))
         head_offset = torch.cat([c["head_yaw"], c["head_pitch"], c["head_roll"]], dim=1)  # the user's, deg
         angles = nod_pos + head_offset + torch.cat([follow, zero], dim=1)  # (B, 3) yaw, pitch, roll
         head6 = drift + o["head"] + torch.cat([angles, zero, zero, zero], dim=1) + self.breath * breath
@@ -452,37 +465,37 @@ class MotionGenerator(nn.Module):
         # ---- brows: raised at accents and onsets, following pitch rises ----------------------------
         br = BROW.unpack(brow)
         brow_gain = c["brow_gain"] * expr
-        brow_kick = torch.where(stress & (n["brow"] < K.BROW_STRESS_SHARE),
-                                (K.BROW_STRESS + K.BROW_STRESS_EXTRA * n["brow"]) * strength,
-                                torch.where(onset & (n["brow"] > K.BROW_ONSET_DRAW), K.BROW_ONSET, K.ZERO))
-        peak = torch.maximum(br["peak"] * torch.exp(K.BROW_DECAY / c["smoothing"]), brow_kick * brow_gain)
-        rise = torch.where(voiced, (pitch_rise - K.BROW_PITCH_DEADBAND).clamp(min=0.0), zero)
-        goal = torch.maximum(peak, rise * (K.BROW_PITCH * brow_gain))
-        env = br["env"].lerp(goal, torch.where(goal > br["env"], K.A_BROW_UP, K.A_BROW_DOWN))
+        brow_kick = torch.where(stress & (n["brow"] < k.BROW_STRESS_SHARE),
+                                (k.BROW_STRESS + k.BROW_STRESS_EXTRA * n["brow"]) * strength,
+                                torch.where(onset & (n["brow"] > k.BROW_ONSET_DRAW), k.BROW_ONSET, k.ZERO))
+        peak = torch.maximum(br["peak"] * torch.exp(k.BROW_DECAY / c["smoothing"]), brow_kick * brow_gain)
+        rise = torch.where(voiced, (pitch_rise - k.BROW_PITCH_DEADBAND).clamp(min=0.0), zero)
+        goal = torch.maximum(peak, rise * (k.BROW_PITCH * brow_gain))
+        env = br["env"].lerp(goal, torch.where(goal > br["env"], k.A_BROW_UP, k.A_BROW_DOWN))
 
         # ---- blinks: a renewal process with a sampled shape ----------------------------------------
         b = BLINK.unpack(blink)
-        rate = c["blink_rate"] * (K.ONE + K.TALK_BLINK_GAIN * activity)  # per minute
-        gap = (K.SIXTY / rate.clamp(min=0.01) - K.BLINK_FIXED_S).clamp(min=0.1)  # mean wait after the refractory, s
-        boost = K.ONE + torch.where(since_shift < K.BOOST_S, K.SHIFT_BOOST, K.ZERO) + torch.where(
-            since_boundary < K.BOOST_S, K.BOUNDARY_BOOST, K.ZERO)
+        rate = c["blink_rate"] * (k.ONE + k.TALK_BLINK_GAIN * activity)  # per minute
+        gap = (k.SIXTY / rate.clamp(min=0.01) - k.BLINK_FIXED_S).clamp(min=0.1)  # mean wait after the refractory, s
+        boost = k.ONE + torch.where(since_shift < k.BOOST_S, k.SHIFT_BOOST, k.ZERO) + torch.where(
+            since_boundary < k.BOOST_S, k.BOUNDARY_BOOST, k.ZERO)
         boost_avg = p["boost_avg"].lerp(boost, _alpha(BOOST_AVG_TAU))
-        hazard = torch.where(rate > K.MIN_RATE, boost / (gap * boost_avg) * K.DT, zero)  # per frame (DT/gap << 1)
+        hazard = torch.where(rate > k.MIN_RATE, boost / (gap * boost_avg) * k.DT, zero)  # per frame (DT/gap << 1)
         open_at = b["close"] + b["hold"]
-        ready = ages["blink"] > open_at + b["reopen"] + K.BLINK_REFRACTORY
+        ready = ages["blink"] > open_at + b["reopen"] + k.BLINK_REFRACTORY
         start = ready & (n["blink_hazard"] < hazard)
-        depth = torch.where(n["blink_partial"] < K.PARTIAL_SHARE, n["blink_depth"][:, :1], n["blink_depth"][:, 1:])
+        depth = torch.where(n["blink_partial"] < k.PARTIAL_SHARE, n["blink_depth"][:, :1], n["blink_depth"][:, 1:])
         blink = torch.where(start, torch.cat([depth, n["blink_gain"], n["blink_shape"]], dim=1), blink)
         b = BLINK.unpack(blink)
         t = torch.where(start, zero, ages["blink"])  # time since the blink started
-        phases = _smoothstep(torch.cat([t / b["close"], (t - b["close"] - b["hold"]) / b["reopen"]], dim=1))
+        phases = _smoothstep(torch.cat([t / b["close"], (t - b["close"] - b["hold"]) / b["reopen"]], dim=1), k)
         closing, reopening = phases.split(1, dim=1)
-        lid = b["depth"] * closing * (K.ONE - reopening)  # closing, then (after the hold) reopening
+        lid = b["depth"] * closing * (k.ONE - reopening)  # closing, then (after the hold) reopening
 
         # ---- eyes in the head: counter-rotate against head motion; lids follow the gaze -----------
-        eyes = eye - K.VOR_GAIN * head6[:, :2] + o["gaze"]
-        base = (o["lids"] + K.LID_FOLLOWS_GAZE * eyes[:, 1:].clamp(min=0.0)).clamp(0.0, 0.5)
-        lids = base + (K.ONE - base) * (lid * b["gain"])
+        eyes = eye - k.VOR_GAIN * head6[:, :2] + o["gaze"]
+        base = (o["lids"] + k.LID_FOLLOWS_GAZE * eyes[:, 1:].clamp(min=0.0)).clamp(0.0, 0.5)
+        lids = base + (k.ONE - base) * (lid * b["gain"])
 
         motion = torch.cat([head6, jaw + o["jaw"] * open_, lips + o["lips"], press + o["press"], o["mouth"],
                             o["brows"] + self.brow_shape * env, lids, o["eyes"], eyes], dim=1)

@@ -39,7 +39,9 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -442,9 +444,11 @@ class TorchCudaFrameEngine(_CudaFrameEngine):
         if cuda_graph:
             try:
                 self._capture()
-            except Exception as e:  # a non-capturable op: run eagerly, and say so
+            except Exception as e:  # a non-capturable op: run eagerly, and say so (and where)
                 self.graphs = {}
-                self.cuda_graph_error = f"{type(e).__name__}: {e}"
+                where = [f"{Path(f.filename).name}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)
+                         if f"{os.sep}engines{os.sep}" in f.filename and not f.filename.endswith("runtime.py")]
+                self.cuda_graph_error = f"{type(e).__name__}: {e}" + (f" (at {where[-1]})" if where else "")
                 log.warning("CUDA graph capture failed, running eagerly: %s", self.cuda_graph_error)
                 self.cuda.synchronize(self.device)
             self.reset()

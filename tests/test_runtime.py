@@ -4,14 +4,19 @@ against a fake `tensorrt` module that records every call and computes with onnxr
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import sys
+import traceback
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from avatar.constants import SAMPLES_PER_FRAME
 from avatar.controls import Controls, controls_tensor
@@ -195,9 +200,28 @@ def test_onnxruntime_without_a_gpu_provider_says_so():
         rt.create_backend("onnxruntime", providers=["TensorrtExecutionProvider"])
 
 
+class _OffDevice(TorchDispatchMode):
+    """Records every op that reads a tensor off the `meta` device, with the engine line calling it."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: dict[str, str] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, _ = tree_flatten((args, kwargs))
+        if any(isinstance(t, torch.Tensor) and t.device.type != "meta" for t in flat):
+            where = [f for f in traceback.extract_stack() if f"{os.sep}engines{os.sep}" in f.filename]
+            line = f"{Path(where[-1].filename).name}:{where[-1].lineno} {where[-1].line}" if where else "?"
+            self.found.setdefault(line, str(func))
+        return func(*args, **kwargs)
+
+
 def test_engines_create_no_tensors_off_their_device(engines, rig, controls):
-    """Every engine runs with all inputs and buffers on the `meta` device: a tensor made without
-    device= (which would land on the CPU and break CUDA) fails here, on a machine without a GPU."""
+    """Every engine runs with all inputs and buffers on the `meta` device and never touches a tensor
+    elsewhere: a tensor made without device= would land on the CPU and break CUDA, and a CPU
+    constant mixed into CUDA ops is a host-to-device copy that a CUDA graph cannot capture. Both
+    fail here, on a machine without a GPU."""
     meta = torch.device("meta")
     calls = {
         "audio": (torch.zeros(1, SAMPLES_PER_FRAME), *engines.encoder.initial_state(1)),
@@ -207,19 +231,19 @@ def test_engines_create_no_tensors_off_their_device(engines, rig, controls):
     }
     failures = {}
     for name, module in zip(ex.ENGINE_NAMES, (engines.encoder, engines.generator, engines.decoder)):
-        import copy
-
         on_meta = copy.deepcopy(module).to(meta)
+        inputs = tuple(t.to(meta) for t in calls[name])
         try:
             with torch.no_grad():
-                out = on_meta(*(t.to(meta) for t in calls[name]))
+                on_meta(*inputs)  # the first call may make per-device constants (as warm-up does on a GPU)
+                with _OffDevice() as mode:
+                    out = on_meta(*inputs)
             out = (out,) if isinstance(out, torch.Tensor) else out
-            assert all(o.device == meta for o in out)
+            assert all(o.device == meta for o in out), "an output is off the device"
+            assert not mode.found, f"reads tensors off the device: {mode.found}"
         except (RuntimeError, AssertionError) as e:
-            import traceback
-
             where = [f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in traceback.extract_tb(e.__traceback__)
-                     if "/engines/" in f.filename]
+                     if f"{os.sep}engines{os.sep}" in f.filename]
             failures[name] = f"{str(e).splitlines()[0]} at {where[-1] if where else '?'}"
     assert not failures, failures
 
