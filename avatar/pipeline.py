@@ -124,5 +124,6 @@ def load_engines(*, audio_model: str = "auto", motion_model: str = "generator") 
         from avatar.errors import AvatarError
 
         raise AvatarError(f"unknown motion model {motion_model!r}: use one of {', '.join(MOTION_MODELS)}")
+    # on the CPU the decoder renders the mouth and eyes on a second core (FaceDecoder.parallel)
     return Engines(encoder=load_audio_encoder(resolve_audio_model(audio_model)).eval(), generator=generator_class().eval(),
-                   decoder=FaceDecoder().eval())
+                   decoder=FaceDecoder().eval().parallel(1))

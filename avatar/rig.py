@@ -21,7 +21,7 @@ from torch import Tensor
 
 from engines.face_decoder import RIG_INPUT_NAMES, RIG_INPUTS
 
-RIG_VERSION = 2
+RIG_VERSION = 3
 
 __all__ = ["RIG_INPUT_NAMES", "RIG_VERSION", "Rig", "build_rig", "load_rig", "rig_cache_dir"]
 
@@ -913,12 +913,10 @@ def build_rig(portrait) -> Rig:
     edge = np.minimum(np.minimum(wy, fd.WIN - 1 - wy), np.minimum(wx, fd.WIN - 1 - wx))
     taper = _smoothstep(edge / 16.0)[..., None]
     bg = img[y0:y0 + fd.WIN, x0:x0 + fd.WIN] * (1 - taper) + bg * taper
-    wy, wx = np.mgrid[0:fd.WIN, 0:fd.WIN].astype(np.float64)
-    window_grid = np.stack([(2 * (wx + x0) + 1) / size - 1, (2 * (wy + y0) + 1) / size - 1], axis=-1)
     ys, xs = np.mgrid[0:size, 0:size]
     inside = (ys >= y0) & (ys < y0 + fd.WIN) & (xs >= x0) & (xs < x0 + fd.WIN)
     # the frame is gathered from cat(photo pixels outside the window, window pixels)
-    source = np.zeros((size, size), np.int64)
+    source = np.zeros((size, size), np.int32)
     source[~inside] = np.arange(int((~inside).sum()))
     source[inside] = fd.N_PIX - fd.N_WIN + ((ys - y0) * fd.WIN + (xs - x0))[inside]
     outside = img[~inside]
@@ -941,7 +939,6 @@ def build_rig(portrait) -> Rig:
         "face_width": f32([fw]),
         "main_operator": f32(op),
         "window_origin": f32([x0, y0]),
-        "window_grid": f32(window_grid.transpose(2, 0, 1)[None]),
         "mouth_operator": f32(mouth_op),
         "mouth_src_origin": f32([mx0, my0]),
         "mouth_layers": f32(np.stack([

@@ -32,6 +32,7 @@ At zero motion every displacement is an exact zero, so the photo comes back unch
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,7 @@ EYEBALL_RADIUS_IRIS = 2.2  # eyeball radius in iris radii: how far the iris trav
 N_PIX = FRAME_SIZE * FRAME_SIZE
 N_WIN = WIN * WIN
 _MGW, _MGH = MOUTH_SRC_W // MOUTH_SRC_STEP, MOUTH_SRC_H // MOUTH_SRC_STEP
+assert _MGW >= GRID and _MGH >= GRID, "the main field is padded to the lips' lattice for one inversion"
 
 RIG_INPUTS: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = (
     # the framed photo, RGB 0..255, and its person mask 0..1, stacked
@@ -76,11 +78,9 @@ RIG_INPUTS: tuple[tuple[str, tuple[int, ...], torch.dtype], ...] = (
     # the inpainted background under the head window, RGB 0..255
     ("window_background", (1, 3, WIN, WIN), torch.float32),
     # for each frame pixel, its index into cat(photo_u8, window pixels): the paste-back
-    ("frame_source", (N_PIX,), torch.int64),
-    # the head window's top-left pixel in the frame (x, y), and the grid_sample coordinates of
-    # its pixel centres in the frame, channel first (x, y)
+    ("frame_source", (N_PIX,), torch.int32),
+    # the head window's top-left pixel in the frame (x, y)
     ("window_origin", (2,), torch.float32),
-    ("window_grid", (1, 2, WIN, WIN), torch.float32),
     # control points: source x, y, z in frame px (z toward the viewer is negative). The last
     # N_ANCHORS rows are anchors, moved like the rest but outside every warp operator: the mouth
     # centre, a skull and a mandible triangle (the teeth ride them), the two eye centres
@@ -189,20 +189,21 @@ def _with_gradient(forward: Tensor, step: int) -> Tensor:
     return torch.cat([forward, ddx[:, :1], ddy[:, :1], ddx[:, 1:], ddy[:, 1:]], dim=1)
 
 
-def invert_field(forward: Tensor, nodes: Tensor, origin: Tensor, inv_extent: Tensor, step: int) -> Tensor:
-    """Backward map of forward displacement fields: solve x + d(x) = y by guarded Newton steps.
+def invert_field(field: Tensor, nodes: Tensor, origin: Tensor, inv_extent: Tensor) -> Tensor:
+    """Backward maps of forward displacement fields: solve x + d(x) = y by guarded Newton steps.
 
-    forward: (B, 2, h, w) px displacement at source nodes `step` px apart covering a region whose
-             top-left pixel is `origin` (frame px); inv_extent: (2,) 2 / region size (w, h) px
+    field:   (B, 6, h, w) from _with_gradient: px displacement and its Jacobian on nodes covering,
+             for each batch entry, a region whose top-left pixel is origin[b] (frame px)
+    origin, inv_extent: (B, 1, 1, 2) that top-left pixel, and 2 / the region's size (w, h) px
     nodes:   (B, 1, N, 2) output positions (frame px) to invert at
     -> (B, 1, N, 2) source positions x. Where the map folds and no step converges, the iterate with
     the smallest residual. At zero displacement every step is exactly zero.
     """
-    field = _with_gradient(forward, step)
     x = nodes
     best, best_err = nodes, torch.full_like(nodes[..., :1], 3.0e38)
+    to_grid = 0.5 * inv_extent - 1.0 - origin * inv_extent  # grid = x * inv_extent + to_grid
     for i in range(NEWTON_ITERS + 1):  # the last pass only scores the last step
-        s = F.grid_sample(field, (x - origin + 0.5) * inv_extent - 1.0, mode="bilinear",
+        s = F.grid_sample(field, torch.addcmul(to_grid, x, inv_extent), mode="bilinear",
                           padding_mode="border", align_corners=False).permute(0, 2, 3, 1)
         r = x + s[..., 0:2] - nodes
         err = r.abs().sum(-1, keepdim=True)  # L1: no squares, so no subnormal floats (slow on CPUs)
@@ -211,37 +212,28 @@ def invert_field(forward: Tensor, nodes: Tensor, origin: Tensor, inv_extent: Ten
         best_err = torch.where(better, err, best_err)
         if i == NEWTON_ITERS:
             break
-        a = 1.0 + s[..., 2:3]  # J = I + grad d = (a b; c e)
-        b = s[..., 3:4]
-        c = s[..., 4:5]
-        e = 1.0 + s[..., 5:6]
+        da, b, c, de = s[..., 2:6].unbind(-1)  # J = I + grad d = (a b; c e)
+        a, e = da + 1.0, de + 1.0
         det = a * e - b * c
-        det = torch.where(det.abs() < 0.05, torch.full_like(det, 0.05), det)  # folded: damp the step
-        dx = (e * r[..., 0:1] - b * r[..., 1:2]) / det
-        dy = (a * r[..., 1:2] - c * r[..., 0:1]) / det
-        delta = torch.cat([dx, dy], dim=-1)
+        det = torch.where(det.abs() < 0.05, 0.05, det)  # folded: damp the step
+        rx, ry = r.unbind(-1)
+        delta = torch.stack([e * rx - b * ry, a * ry - c * rx], dim=-1) / det.unsqueeze(-1)
         limit = NEWTON_MAX_STEP_PX / delta.abs().amax(-1, keepdim=True).clamp(min=NEWTON_MAX_STEP_PX)
         x = x - delta * limit
     return best
 
 
-def _affine(source: Tensor, moved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The affine map taking 3 moved points back to their sources: (matrix (2, 2), moved[0],
-    source[0]) for _apply. source, moved: (3, 2) px. Explicit 2x2 inverse (exports everywhere)."""
-    s = (source[1:] - source[0]).T  # (2, 2), columns are edge vectors
-    o = (moved[1:] - moved[0]).T
-    det = o[0, 0] * o[1, 1] - o[0, 1] * o[1, 0]
-    o_inv = torch.stack([o[1, 1], -o[0, 1], -o[1, 0], o[0, 0]]).view(2, 2) / det
-    return s @ o_inv, moved[0], source[0]
-
-
-def _apply(affine: tuple[Tensor, Tensor, Tensor], points: Tensor) -> Tensor:
-    """An _affine map applied to points (..., 2), as two fused multiply-adds per coordinate."""
-    b, o, s = affine
-    p = points - o
-    x = p[..., 0:1] * b[0, 0] + p[..., 1:2] * b[0, 1]
-    y = p[..., 0:1] * b[1, 0] + p[..., 1:2] * b[1, 1]
-    return torch.cat([x, y], dim=-1) + s
+def _affine_back(source: Tensor, moved: Tensor) -> tuple[Tensor, Tensor]:
+    """The affine maps taking moved triangles back to their sources, as (matrix (T, 2, 2), offset
+    (T, 1, 2)) for points @ matrix + offset. source, moved: (T, 3, 2) px. Explicit 2x2 inverse
+    (exports everywhere)."""
+    s = source[:, 1:] - source[:, :1]  # (T, 2, 2), rows are edge vectors
+    o = moved[:, 1:] - moved[:, :1]
+    o00, o01, o10, o11 = o.reshape(-1, 4).unbind(-1)
+    det = (o00 * o11 - o01 * o10).view(-1, 1, 1)
+    o_inv = torch.stack([o11, -o01, -o10, o00], dim=-1).view(-1, 2, 2) / det  # rows: o^-1 (row vectors)
+    matrix = o_inv @ s  # p_source = (p - moved0) @ o^-1 @ s + source0
+    return matrix, source[:, :1] - moved[:, :1] @ matrix
 
 
 def _nodes(w: int, h: int, step: int) -> Tensor:
@@ -281,6 +273,18 @@ def _smoothstep(t: Tensor) -> Tensor:
     return t * t * (3.0 - 2.0 * t)
 
 
+def _tracing() -> bool:
+    """True while the module is being traced, exported or compiled (one graph, no threads)."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
+        or torch.compiler.is_compiling()
+
+
+def _in_mode(inference: bool, fn, *args):
+    """fn(*args) without autograd, in the caller's inference mode (both are per thread)."""
+    with torch.inference_mode(inference), torch.no_grad():
+        return fn(*args)
+
+
 def _window_origin(anchor: Tensor, at: Tensor, low: Tensor, high: Tensor) -> Tensor:
     """Top-left pixel of a window that puts `anchor` at `at`, kept inside [low, high]. (2,)"""
     return torch.round(torch.minimum(torch.maximum(anchor - at, low), high))
@@ -317,17 +321,39 @@ class FaceDecoder(nn.Module):
                                     ("eye", (EYE_W, EYE_H), SUB_STEP)):
             buf(f"{name}_up_rows", _interp_matrix(h, step))
             buf(f"{name}_up_cols", _interp_matrix(w, step).T.contiguous())
-        buf("inv_win", torch.tensor([2.0 / WIN, 2.0 / WIN]))
+        buf("inv_fields", torch.tensor([[2.0 / (_MGW * STEP), 2.0 / (GRID * STEP)], [2.0 / MOUTH_SRC_W, 2.0 / MOUTH_SRC_H],
+                                        [2.0 / MOUTH_SRC_W, 2.0 / MOUTH_SRC_H]]).view(3, 1, 1, 2))
         buf("inv_mouth_src", torch.tensor([2.0 / MOUTH_SRC_W, 2.0 / MOUTH_SRC_H]))
         buf("inv_eyes_src", torch.tensor([2.0 / EYES_SRC_W, 2.0 / EYES_SRC_H]))
         buf("inv_frame", torch.tensor([2.0 / FRAME_SIZE, 2.0 / FRAME_SIZE]))
+        # grid_sample x (and y) of the head window's pixel centres when its origin is at pixel 0
+        buf("win_centres", ((torch.arange(WIN, dtype=torch.float64) * 2.0 + 1.0) / FRAME_SIZE - 1.0).float().expand(2, -1).contiguous())
         buf("mouth_at", torch.tensor([MOUTH_ANCHOR_AT[0] * MOUTH_W, MOUTH_ANCHOR_AT[1] * MOUTH_H]))
         buf("mouth_room", torch.tensor([float(WIN - MOUTH_W), float(WIN - MOUTH_H)]))
         buf("eye_at", torch.tensor([0.5 * EYE_W, 0.5 * EYE_H]))
         buf("eye_room", torch.tensor([float(WIN - EYE_W), float(WIN - EYE_H)]))
+        self._pool: ThreadPoolExecutor | None = None
+
+    def parallel(self, workers: int = 1) -> FaceDecoder:
+        """On the CPU, render the mouth and eye windows on `workers` threads of their own while the
+        calling thread renders the head window (0: all in the calling thread). Op for op the same
+        work, so the same pixels. Meant for one torch thread per op (torch.set_num_threads(1), as
+        live and render run): measured here, 1 worker took 16 % off a frame, where two intra-op
+        threads took 10 % and stall badly when the other core is busy. Traced, exported, scripted,
+        compiled or on a GPU, the decoder runs in one thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="face-decoder") if workers > 0 else None
+        return self
+
+    def __getstate__(self):  # copies and pickles carry no threads
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_pool"] = None
+        return state
 
     def forward(self, motion: Tensor, photo_rgbm: Tensor, photo_u8: Tensor, window_background: Tensor,
-                frame_source: Tensor, window_origin: Tensor, window_grid: Tensor, ctrl_xyz: Tensor,
+                frame_source: Tensor, window_origin: Tensor, ctrl_xyz: Tensor,
                 ctrl_basis: Tensor, ctrl_jaw: Tensor, jaw_hinge: Tensor, head_pivot: Tensor,
                 face_width: Tensor, main_operator: Tensor, mouth_operator: Tensor, mouth_src_origin: Tensor,
                 mouth_layers: Tensor, mouth_blend: Tensor, cavity_rgb: Tensor, eye_frame: Tensor,
@@ -340,21 +366,43 @@ class FaceDecoder(nn.Module):
         mouth_origin = _window_origin(anchors[0], self.mouth_at, window_origin, high)
         eye_origin = _window_origin(anchors[7:9], self.eye_at, window_origin, window_origin + self.eye_room)  # (2, 2)
 
-        # -- the main map at every node of every window, in one inversion
-        main_forward = (main_operator @ displacement).T.reshape(1, 2, GRID, GRID)
-        nodes = torch.cat([self.window_nodes + window_origin, self.mouth_nodes + mouth_origin,
+        # -- the main map at every node of every window and the two lips' maps on the mouth's nodes,
+        # in one inversion: three fields on one lattice of nodes (the main one's padded to the lips')
+        mouth_nodes = self.mouth_nodes + mouth_origin  # (1, 1, n, 2)
+        nodes = torch.cat([self.window_nodes + window_origin, mouth_nodes,
                            self.eye_nodes + eye_origin[0], self.eye_nodes + eye_origin[1]], dim=2)  # (1, 1, N, 2)
-        main_shift = invert_field(main_forward, nodes, window_origin, self.inv_win, STEP) - nodes
+        main_forward = (main_operator @ displacement).T.reshape(1, 2, GRID, GRID)
+        lip_forward = (mouth_operator.view(-1, N_CTRL) @ displacement).view(2, -1, 2).permute(0, 2, 1).reshape(2, 2, _MGH, _MGW)
+        fields = torch.cat([F.pad(_with_gradient(main_forward, STEP), (0, _MGW - GRID, 0, _MGH - GRID), mode="replicate"),
+                            _with_gradient(lip_forward, MOUTH_SRC_STEP)])  # (3, 6, _MGH, _MGW)
+        lip_nodes = torch.cat([mouth_nodes, nodes[:, :, self.n_mouth:]], dim=2)  # padded to N
+        origins = torch.stack([window_origin, mouth_src_origin, mouth_src_origin]).view(3, 1, 1, 2)
+        found = invert_field(fields, torch.cat([nodes, lip_nodes, lip_nodes]), origins, self.inv_fields)
+        main_shift = found[0:1] - nodes
+        lips = found[1:3, :, :self.n_mouth]  # (2, 1, n, 2) where each lip's field puts each node
         win_shift, mouth_shift, eye_shift = torch.split(
             main_shift, [self.n_win, self.n_mouth, 2 * self.n_eye], dim=2)
+
+        mouth_args = (anchor_src, anchors, mouth_origin, mouth_shift, lips, mouth_src_origin, mouth_layers,
+                      mouth_blend, cavity_rgb)
+        eye_args = (motion, eye_origin, eye_shift, photo_rgbm, eye_frame, eye_lids, eye_src_origin, eye_ball, eye_iris)
+        pool = self._pool if self._pool is not None and motion.device.type == "cpu" and not _tracing() else None
+        if pool is not None:  # the mouth and the eyes on another core while this thread does the head window
+            inference = torch.is_inference_mode_enabled()
+            mouth_job = pool.submit(_in_mode, inference, self._mouth, *mouth_args)
+            eyes_job = pool.submit(_in_mode, inference, self._eyes, *eye_args)
 
         # -- head window: the person through the main map, over the still background
         moved = (win_shift.abs().sum(-1, keepdim=True) * (1.0 / ALPHA_RAMP_PX)).clamp(max=1.0)
         coarse = torch.cat([win_shift * self.inv_frame, moved], dim=-1).view(1, GRID, GRID, 3)
-        # upsampled as in _upsample_mm, the pixel centres added inside the second matmul (baddbmm)
+        # upsampled as in _upsample_mm; the window's pixel centres (x by column, y by row: rank one
+        # each) ride along as one more row and column of the matmuls, so no dense grid is read
         cols = coarse.permute(0, 3, 1, 2)[0] @ self.win_up_cols  # (3, GRID, WIN)
-        grid = torch.baddbmm(window_grid[0], self.win_up_rows.expand(2, -1, -1), cols[0:2])
-        grid = grid.unsqueeze(0).permute(0, 2, 3, 1)  # channel-first storage: cheap adds
+        centres = self.win_centres + window_origin.view(2, 1) * self.inv_frame.view(2, 1)  # (2, WIN): x, y
+        rows_xy = torch.cat([self.win_up_rows.expand(2, -1, -1),
+                             torch.stack([torch.ones_like(centres[1]), centres[1]]).unsqueeze(-1)], dim=2)
+        cols_xy = torch.cat([cols[0:2], torch.stack([centres[0], torch.ones_like(centres[0])]).unsqueeze(1)], dim=1)
+        grid = torch.bmm(rows_xy, cols_xy).unsqueeze(0).permute(0, 2, 3, 1)  # channel-first storage: cheap adds
         moved_dense = self.win_up_rows @ cols[2]  # (WIN, WIN)
         sampled = F.grid_sample(photo_rgbm, grid, mode="bilinear", padding_mode="border",
                                 align_corners=False)  # (1, 4, WIN, WIN)
@@ -363,10 +411,11 @@ class FaceDecoder(nn.Module):
         alpha = (sampled[:, 3:4] - 1.0).mul_(moved_dense).add_(1.0)
         window = torch.lerp(window_background, sampled[:, 0:3], alpha).view(3, N_WIN)
 
-        mouth = self._mouth(displacement, anchor_src, anchors, mouth_origin, mouth_shift, mouth_operator,
-                            mouth_src_origin, mouth_layers, mouth_blend, cavity_rgb)
-        eyes, eye_weight = self._eyes(motion, eye_origin, eye_shift, photo_rgbm, eye_frame, eye_lids,
-                                      eye_src_origin, eye_ball, eye_iris)
+        if pool is not None:
+            mouth, (eyes, eye_weight) = mouth_job.result(), eyes_job.result()
+        else:
+            mouth = self._mouth(*mouth_args)
+            eyes, eye_weight = self._eyes(*eye_args)
         # each sub-window blends into the head window by its own weight (1 where its layers differ
         # from the main map's rendering), so the person/background compositing stays the head
         # window's; one after another, so windows may overlap
@@ -385,24 +434,21 @@ class FaceDecoder(nn.Module):
         frame = torch.cat([photo_u8, window_u8], dim=0).index_select(0, frame_source)
         return frame.view(1, FRAME_SIZE, FRAME_SIZE, 3)
 
-    def _mouth(self, displacement: Tensor, anchor_src: Tensor, anchors: Tensor, origin: Tensor,
-               main_shift: Tensor, operator: Tensor, src_origin: Tensor, layers: Tensor, blend: Tensor,
-               cavity_rgb: Tensor) -> tuple[Tensor, Tensor]:
-        """The mouth window (1, 3, MOUTH_H, MOUTH_W) and its blend weight (1, 1, MOUTH_H, MOUTH_W)."""
+    def _mouth(self, anchor_src: Tensor, anchors: Tensor, origin: Tensor, main_shift: Tensor, lips: Tensor,
+               src_origin: Tensor, layers: Tensor, blend: Tensor, cavity_rgb: Tensor) -> tuple[Tensor, Tensor]:
+        """The mouth window (1, 3, MOUTH_H, MOUTH_W) and its blend weight (1, 1, MOUTH_H, MOUTH_W).
+        lips: (2, 1, n, 2) source positions of the window's nodes under the upper and lower lips' fields."""
         gh, gw = self.mouth_grid
         nodes = self.mouth_nodes + origin  # (1, 1, n, 2) frame px
         main = nodes + main_shift
-        forward = (operator @ displacement).permute(0, 2, 1).reshape(2, 2, _MGH, _MGW)
-        lips = invert_field(forward, nodes.expand(2, -1, -1, -1), src_origin, self.inv_mouth_src, MOUTH_SRC_STEP)
         # the lip maps differ only between the corners and fade into the main map at the edges
         beta = F.grid_sample(blend, (main - src_origin + 0.5) * self.inv_mouth_src - 1.0, mode="bilinear",
                              padding_mode="border", align_corners=False).permute(0, 2, 3, 1) * self.mouth_edge
         lips = main + beta * (lips - main)  # (2, 1, n, 2)
         # teeth are rigid: the upper set rides the skull, the lower set the mandible. Affine maps
         # are exact under bilinear upsampling, so they join the lips' maps at the nodes
-        skull = _affine(anchor_src[1:4], anchors[1:4])
-        mandible = _affine(anchor_src[4:7], anchors[4:7])
-        teeth = torch.stack([_apply(skull, nodes[0]), _apply(mandible, nodes[0])])  # (2, 1, n, 2)
+        back, offset = _affine_back(anchor_src[1:7].view(2, 3, 2), anchors[1:7].view(2, 3, 2))  # skull, mandible
+        teeth = (nodes[0] @ back + offset).unsqueeze(1)  # (2, 1, n, 2)
         # how far each lip has slid over its teeth (px, up to 1): the lips' inner edges soften with
         # it, and are hard, exactly the photo's, while the lips have not moved
         slide = (lips - teeth).abs().sum(-1, keepdim=True).clamp(max=1.0)
