@@ -57,7 +57,7 @@ step() {  # step NAME LIMIT_S COMMAND... : run within min(LIMIT_S, time left), l
   return 0
 }
 
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
+nvidia-smi >>"$OUT/gpu_check.log" 2>&1 || true  # (at most 8 files come back from the device machine)
 
 step environment 30 "$PY" - "$OUT/environment.json" <<'EOF'
 import json, platform, sys
