@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Protocol
+from typing import Callable, Protocol, TypeVar
 
 import numpy as np
 
@@ -460,7 +460,60 @@ class MicStats:
     losses: int = 0  # times the device was lost
 
 
-class Microphone:
+_Stream = TypeVar("_Stream", bound="_DeviceStream")
+
+
+class _DeviceStream:
+    """The life cycle the Microphone and the DelayedMic share: open the device `spec` names, stop its
+    stream, and reopen it at most every `retry_every_s` after a loss.
+
+    A subclass sets spec, backend, device, retry_every_s, _stream, _generation and _next_retry, and
+    defines `_start(device)` (open and start a stream, AvatarError if it cannot) and `close()`."""
+
+    output = False  # an output device (find_device's `output`)
+
+    def __enter__(self: _Stream) -> _Stream:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Resolve the device and start the stream. AvatarError if it does not exist or cannot open."""
+        self.device = find_device(self.spec, output=self.output, backend=self.backend)
+        self._start(self.device)
+
+    def _retry_due(self, now: float) -> bool:
+        """True when a reopening is due, and then not again for `retry_every_s`."""
+        if now < self._next_retry:
+            return False
+        self._next_retry = now + self.retry_every_s
+        return True
+
+    def _reopen(self) -> AudioDevice:
+        """Look the device up again (it may be back under another index) and start it."""
+        self.backend.refresh()
+        device = find_device(self.spec, output=self.output, backend=self.backend)
+        self._start(device)
+        return device
+
+    def _stop_stream(self) -> None:
+        self._generation += 1  # its finished callback, whenever it comes, is expected
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        try:
+            stream.stop()
+        except Exception:
+            pass
+        try:
+            stream.close()
+        except Exception:
+            pass
+
+
+class Microphone(_DeviceStream):
     """A live microphone: `with Microphone("USB") as mic: blocks = mic.read_blocks(...)`.
 
     device: None (the default input), an index, or part of the device's name.
@@ -501,18 +554,6 @@ class Microphone:
         self._zeros = np.zeros(SAMPLES_PER_FRAME, dtype=np.float32)
 
     # -- life cycle
-    def __enter__(self) -> Microphone:
-        self.open()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def open(self) -> None:
-        """Resolve the device and start the stream. AvatarError if it does not exist or cannot open."""
-        self.device = find_device(self.spec, backend=self.backend)
-        self._start(self.device)
-
     def close(self) -> None:
         self._stop_stream()
         self._connected = False
@@ -574,20 +615,6 @@ class Microphone:
 
         return callback
 
-    def _stop_stream(self) -> None:
-        self._generation += 1  # its finished callback, whenever it comes, is expected
-        stream, self._stream = self._stream, None
-        if stream is None:
-            return
-        try:
-            stream.stop()
-        except Exception:
-            pass
-        try:
-            stream.close()
-        except Exception:
-            pass
-
     # -- health
     def _check_health(self, now: float) -> None:
         if not self._connected:
@@ -616,13 +643,10 @@ class Microphone:
         self.vad.reset()
 
     def _retry(self, now: float) -> None:
-        if now < self._next_retry:
+        if not self._retry_due(now):
             return
-        self._next_retry = now + self.retry_every_s
         try:
-            self.backend.refresh()
-            device = find_device(self.spec, backend=self.backend)
-            self._start(device)
+            device = self._reopen()
         except Exception as e:  # stays lost; said once per episode, not per attempt
             if self._lost_reason != "retrying":
                 log.info("microphone not back yet (%s); still retrying", _one_line(e))
@@ -726,7 +750,7 @@ class Microphone:
         return [AudioBlock(self._zeros.copy(), now, False, False) for _ in range(due)]
 
 
-class DelayedMic:
+class DelayedMic(_DeviceStream):
     """Plays the microphone, delayed, into an output device that a meeting app records from.
 
     The live video lags the voice by the daemon's latency; the meeting app would show lips after the
@@ -740,6 +764,8 @@ class DelayedMic:
     more than `tolerance_s` off target, so changing the delay or clock drift costs a rare small skip
     or gap, not continuous warbling.
     """
+
+    output = True
 
     def __init__(self, device: str | int | None, *, backend: str | AudioBackend | None = None,
                  delay_s: float = 0.15, tolerance_s: float = 0.02, retry_every_s: float = RETRY_EVERY_S):
@@ -763,17 +789,6 @@ class DelayedMic:
         self._warned = False
         self._next_retry = 0.0
         self._generation = 0
-
-    def __enter__(self) -> DelayedMic:
-        self.open()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def open(self) -> None:
-        self.device = find_device(self.spec, output=True, backend=self.backend)
-        self._start(self.device)
 
     def _start(self, device: AudioDevice) -> None:
         self.rate = device.samplerate
@@ -802,15 +817,8 @@ class DelayedMic:
         self._ok = True
 
     def close(self) -> None:
-        self._generation += 1
-        stream, self._stream = self._stream, None
         self._ok = False
-        if stream is not None:
-            for op in (stream.stop, stream.close):
-                try:
-                    op()
-                except Exception:
-                    pass
+        self._stop_stream()
 
     def _callback(self, outdata, frames, time_info, status):
         # real-time thread: copy what is queued, zeros for the rest; no locks, no logging
@@ -841,19 +849,15 @@ class DelayedMic:
                 self._warned = True
                 log.warning("delayed-mic output %r stopped; retrying every %g s",
                             self.device.name if self.device else self.spec, self.retry_every_s)
-            if now >= self._next_retry:
-                self._next_retry = now + self.retry_every_s
-                self.close()
-                try:
-                    self.backend.refresh()
-                    self.device = find_device(self.spec, output=True, backend=self.backend)
-                    self._start(self.device)
-                except AvatarError:
-                    return
-                self._warned = False
-                log.warning("delayed-mic output %r is back", self.device.name)
-            else:
+            if not self._retry_due(now):
                 return
+            self.close()
+            try:
+                self.device = self._reopen()
+            except AvatarError:
+                return
+            self._warned = False
+            log.warning("delayed-mic output %r is back", self.device.name)
         if self._resampler is None or self._resampler.rate_in != rate:
             self._resampler = StreamResampler(rate, self.rate)
         y, _ = self._resampler.process(mono)
@@ -896,9 +900,11 @@ def _one_line(e: BaseException) -> str:
 
 # ---- a file (or array) played as a microphone ----------------------------------------------------
 
-class _FakeInputStream:
-    """Calls the microphone's callback from a thread at real-time pace with the backend's audio,
-    as PortAudio does: (frames, channels) float32 blocks, time info, status."""
+class _FakeStream:
+    """What the two fake streams share: PortAudio's constructor arguments, and a thread that `_run`s
+    at real-time pace (`_paced`) from `start()` until `stop()`."""
+
+    thread_name = "fake-stream"
 
     def __init__(self, backend: FileAudioBackend, *, samplerate: int, channels: int, callback: Callable,
                  finished_callback: Callable):
@@ -908,28 +914,51 @@ class _FakeInputStream:
         self.callback = callback
         self.finished_callback = finished_callback
         self.active = False
-        self.closed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.active = True
-        self._thread = threading.Thread(target=self._run, name="fake-mic", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _paced(self, t0: float, *, first: int):
+        """Yields t0 + k * blocksize / samplerate for k = first, first + 1, ..., each once that time
+        has come; ends when the stream is stopped."""
+        block, rate = self.backend.blocksize, self.samplerate
+        k = first
+        while not self._stop.is_set():
+            due = t0 + k * block / rate
+            wait = due - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return
+            yield due
+            k += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        self.active = False
+
+
+class _FakeInputStream(_FakeStream):
+    """Calls the microphone's callback from a thread at real-time pace with the backend's audio,
+    as PortAudio does: (frames, channels) float32 blocks, time info, status."""
+
+    thread_name = "fake-mic"
+    closed = False
 
     def _run(self) -> None:
         be, block, rate = self.backend, self.backend.blocksize, self.samplerate
         t0 = time.monotonic()
         pos = be.position  # a re-opened stream carries on where the "world" is
         be.stream_starts.append((t0, pos))
-        k = 0
         try:
-            while not self._stop.is_set():
-                k += 1
-                due = t0 + k * block / rate  # the moment the block's newest sample is captured
-                wait = due - time.monotonic()
-                if wait > 0 and self._stop.wait(wait):
-                    break
+            for due in self._paced(t0, first=1):  # due: the moment the block's newest sample is captured
                 if be.unplugged:
                     if be.fail_mode == "error":
                         break  # PortAudio reports the error and the stream stops
@@ -948,59 +977,27 @@ class _FakeInputStream:
             if not self.closed:
                 self.finished_callback()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2.0)
-        self.active = False
-
     def close(self) -> None:
         self.stop()
         self.closed = True
         self.backend.closed_streams += 1
 
 
-class _FakeOutputStream:
+class _FakeOutputStream(_FakeStream):
     """Pulls from the delayed mic's callback at real-time pace and records what was played, with
     the monotonic time each block started playing."""
 
-    def __init__(self, backend: FileAudioBackend, *, samplerate: int, channels: int, callback: Callable,
-                 finished_callback: Callable):
-        self.backend = backend
-        self.samplerate = samplerate
-        self.channels = channels
-        self.callback = callback
-        self.finished_callback = finished_callback
-        self.active = False
-        self.latency = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.active = True
-        self._thread = threading.Thread(target=self._run, name="fake-out", daemon=True)
-        self._thread.start()
+    thread_name = "fake-out"
+    latency = 0.0
 
     def _run(self) -> None:
         block = self.backend.blocksize
-        t0 = time.monotonic()
         out = np.zeros((block, self.channels), dtype=np.float32)
-        k = 0
-        while not self._stop.is_set():
-            due = t0 + k * block / self.samplerate
-            wait = due - time.monotonic()
-            if wait > 0 and self._stop.wait(wait):
-                break
+        for due in self._paced(time.monotonic(), first=0):  # due: the moment the block starts playing
             ti = SimpleNamespace(outputBufferDacTime=0.0, currentTime=0.0, inputBufferAdcTime=0.0)
             self.callback(out, block, ti, 0)
             self.backend.played.append((due, out[:, 0].copy()))
-            k += 1
         self.active = False
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
 
     def close(self) -> None:
         self.stop()
