@@ -1,4 +1,5 @@
-"""Shared test set-up: quiet mediapipe, bounded torch threads, and the `cuda` marker's skip."""
+"""Shared test set-up: quiet mediapipe, bounded torch threads, the `cuda` marker's skip, and the
+session fixtures of the engine tests (a private rig cache, the astronaut's rig, 3 s of the bundled voice)."""
 
 import os
 import tempfile
@@ -30,3 +31,19 @@ def rig_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("rigs")
     os.environ["VASA_AVATAR_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def rig(rig_cache):
+    """The astronaut's rig (engines.export.reference_rig: built where mediapipe is, else the saved one)."""
+    from engines.export import reference_rig
+
+    return reference_rig()
+
+
+@pytest.fixture(scope="session")
+def voice():
+    """The first 3 s of the bundled voice: a (48000,) float32 tensor at 16 kHz."""
+    from engines.export import read_voice
+
+    return read_voice(seconds=3.0)

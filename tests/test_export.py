@@ -26,16 +26,6 @@ AUDIO_MODELS = ["dsp", pytest.param("trained", marks=pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def rig(rig_cache):
-    return ex.reference_rig()
-
-
-@pytest.fixture(scope="session")
-def voice():
-    return ex.read_voice(seconds=3.0)
-
-
-@pytest.fixture(scope="session")
 def controls():
     return controls_tensor(Controls())
 

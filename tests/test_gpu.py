@@ -34,16 +34,6 @@ AUDIO_MODEL = "trained" if (WEIGHTS_DIR / "audio_encoder.pt").is_file() else "ds
 
 
 @pytest.fixture(scope="module")
-def rig(rig_cache):
-    return ex.reference_rig()
-
-
-@pytest.fixture(scope="module")
-def voice():
-    return ex.read_voice(seconds=3.0)
-
-
-@pytest.fixture(scope="module")
 def controls():
     return controls_tensor(Controls(mood="happy"))
 

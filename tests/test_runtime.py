@@ -32,16 +32,6 @@ RENDER_EVERY = 20  # frames rendered in the free-running comparisons (the decode
 
 
 @pytest.fixture(scope="session")
-def rig(rig_cache):
-    return ex.reference_rig()
-
-
-@pytest.fixture(scope="session")
-def voice():
-    return ex.read_voice(seconds=3.0)
-
-
-@pytest.fixture(scope="session")
 def controls():
     return controls_tensor(Controls(mood="happy", seed=3))
 
