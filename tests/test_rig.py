@@ -17,7 +17,7 @@ from avatar.rig import RIG_INPUT_NAMES, RIG_VERSION, Rig, build_rig, load_rig, r
 from engines.face_decoder import RIG_INPUTS, FaceDecoder
 
 REPO = Path(__file__).resolve().parents[1]
-SECOND_FACE = REPO / "tests" / "data" / "faces" / "grace_hopper.jpg"
+OTHER_FACES = sorted((REPO / "tests" / "data" / "faces").glob("*.jpg"))  # see LICENSES.md there
 
 pytest.importorskip("mediapipe")
 
@@ -36,10 +36,11 @@ def test_input_names_match_the_decoder_signature():
     assert tuple(params) == RIG_INPUT_NAMES
 
 
-def test_two_portraits_give_identical_shapes(astronaut):
+@pytest.mark.parametrize("face", OTHER_FACES, ids=lambda p: p.stem)
+def test_two_portraits_give_identical_shapes(astronaut, face):
     from avatar.portrait import analyze_portrait
 
-    other = build_rig(analyze_portrait(SECOND_FACE))
+    other = build_rig(analyze_portrait(face))
     for name, shape, dtype in RIG_INPUTS:
         a, b = astronaut.engine[name], other.engine[name]
         assert tuple(a.shape) == tuple(b.shape) == shape and a.dtype == b.dtype == dtype, name
