@@ -490,15 +490,28 @@ def _person_mask(seg, frame: np.ndarray, face_mask: np.ndarray) -> np.ndarray:
     m = seg.process(frame).segmentation_mask.astype(np.float32)
     m = cv2.ximgproc.guidedFilter(frame, m, 4, 1e-3) if hasattr(cv2, "ximgproc") \
         else cv2.GaussianBlur(m, (0, 0), 1.5)
-    return np.clip(np.maximum(m, face_mask), 0, 1).astype(np.float32)
+    m = np.clip(np.maximum(m, face_mask), 0, 1).astype(np.float32)
+    # only the person whose face this is (and the soft edge around them): another person in the
+    # photo is part of the room, kept as it is rather than removed and inpainted
+    core = ((m > 0.5) | (face_mask > 0.5)).astype(np.uint8)
+    _, labels = cv2.connectedComponents(core, connectivity=8)
+    ours = np.isin(labels, np.unique(labels[(face_mask > 0.5) & (labels > 0)]))
+    edge = cv2.dilate(ours.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (13, 13))) > 0
+    return np.where(edge, m, 0.0).astype(np.float32)
 
 
 INPAINT_SIDE = 64  # the hole is filled at this resolution: a wall needs no fine detail, and it is fast
-HOLE_DILATE = 0.08  # of the frame side (41 px): ±0.15 face widths of shift (~31 px) plus yaw and scale
+# of the frame side (10 px): the hole covers the person and the fringe the mask misses (hair, halo),
+# no more. The wall beyond stays the photo's own, sharp while the head moves (the head layer shows
+# the background only where the moved person's mask is below 1); only the strip the head uncovers
+# shows the inpainting. (0.08, 41 px, blurred the wall around the head from the first moved pixel.)
+HOLE_DILATE = 0.02
 
 
-def _background(frame: np.ndarray, person: np.ndarray, beyond: np.ndarray) -> np.ndarray:
-    """The frame with the person replaced by an inpainted continuation of what surrounds it.
+def _background(frame: np.ndarray, person: np.ndarray, beyond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What replaces the person: an inpainted continuation of what surrounds it (H, W, 3) float32
+    (beyond the photo too), and where it replaces the person (H, W, 1) float32 0..1 (the dilated
+    person, feathered).
 
     Compared by eye on the astronaut (wall, flag, shuttle model) and Grace Hopper (flag, blue
     backdrop): Telea and Navier-Stokes smear radial streaks of the border colours into the hole;
@@ -506,9 +519,10 @@ def _background(frame: np.ndarray, person: np.ndarray, beyond: np.ndarray) -> np
     plausibly, at ~0.3-0.5 s for a 64 px square.
     """
     r = max(1, round(HOLE_DILATE * FRAME_SIZE))
-    hole = (person > 0.2).astype(np.uint8)
-    hole = cv2.dilate(hole, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-    hole |= (beyond > 0).astype(np.uint8)  # beyond the photo there is no real wall to keep
+    person_hole = (person > 0.2).astype(np.uint8)
+    person_hole = cv2.dilate(person_hole, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    outside = (beyond > 0).astype(np.uint8)  # beyond the photo there is no real wall to keep
+    hole = person_hole | outside
     small = cv2.resize(frame, (INPAINT_SIDE, INPAINT_SIDE), interpolation=cv2.INTER_AREA)
     small_hole = cv2.resize(hole.astype(np.float32), (INPAINT_SIDE, INPAINT_SIDE),
                             interpolation=cv2.INTER_AREA) > 0.0
@@ -520,10 +534,12 @@ def _background(frame: np.ndarray, person: np.ndarray, beyond: np.ndarray) -> np
         filled[:] = small.reshape(-1, 3).mean(axis=0).astype(np.uint8)
     filled = cv2.GaussianBlur(filled, (0, 0), 0.75)
     filled = cv2.resize(filled, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_CUBIC)
-    # feather the seam a few pixels into the hole so no edge outlines the old silhouette
-    a = cv2.GaussianBlur(hole.astype(np.float32), (0, 0), 4)[:, :, None]
-    out = frame.astype(np.float32) * (1 - a) + filled.astype(np.float32) * a
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    # feather the person's seam a few pixels so no edge outlines the old silhouette
+    return filled.astype(np.float32), cv2.GaussianBlur(person_hole.astype(np.float32), (0, 0), 4)[:, :, None]
+
+
+def _over(frame: np.ndarray, fill: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    return np.clip(frame * (1 - weight) + fill * weight + 0.5, 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,11 +626,14 @@ def analyze_portrait(source, *, head_distance: float = DEFAULT_HEAD_DISTANCE,
     masks = _masks(lm)
     with sol.selfie_segmentation.SelfieSegmentation(model_selection=0) as seg:
         person = _person_mask(seg, frame, masks["face_mask"])
-    background = _background(frame, person, beyond)
+    fill, hole = _background(frame, person, beyond)
+    # the wall: the photo's, continued beyond its edges. The background is the wall with the person
+    # inpainted, and the frame shows the wall wherever no person is, so the two agree everywhere
+    # but under the person (else the frame would change there as soon as the head moves)
+    wall = _over(frame, fill, beyond[:, :, None])
+    background = _over(wall, fill, hole)
     if beyond.any():
-        # beyond the photo, where no person is, show the wall continued from the real wall
-        a = (beyond * (1 - person))[:, :, None]
-        frame = np.clip(frame * (1 - a) + background * a + 0.5, 0, 255).astype(np.uint8)
+        frame = _over(frame, wall, (beyond * (1 - person))[:, :, None])
     xy = lm[:, :2]
     face_box = np.array([*xy.min(axis=0), *xy.max(axis=0)], np.float32)
     return Portrait(image=frame, landmarks=lm.astype(np.float32), face_box=face_box, person_mask=person,

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from engines.face_decoder import RIG_INPUT_NAMES, RIG_INPUTS
 
-RIG_VERSION = 3
+RIG_VERSION = 4
 
 __all__ = ["RIG_INPUT_NAMES", "RIG_VERSION", "Rig", "build_rig", "load_rig", "rig_cache_dir"]
 

@@ -1,11 +1,14 @@
-"""FaceDecoder on the bundled astronaut: the neutral frame is the photo, and each motion channel
-moves the right part of the face, measured by running the face mesh on rendered frames.
+"""FaceDecoder on the bundled astronaut and the test faces (tests/data/faces): the neutral frame is
+the photo, and each motion channel moves the right part of the face, measured by running the face
+mesh on rendered frames.
 
 Thresholds are in face widths (fw, ear landmark to ear landmark, ~205 px at the default framing)
 with the measured value noted beside each, so a regression shows as a number, not a look.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +22,46 @@ from engines.face_decoder import RIG_INPUT_NAMES, RIG_INPUTS, FaceDecoder
 mp = pytest.importorskip("mediapipe")
 
 
-@pytest.fixture(scope="module")
-def portrait():
+FACES = [DEFAULT_PORTRAIT] + sorted((Path(__file__).parent / "data" / "faces").glob("*.jpg"))
+
+# Measured defects on the other faces, open in issue #3 (eyes behind glasses or under hooded lids,
+# an open-mouth photo's own mouth interior). Strict: a fixed one fails here until it is taken off.
+KNOWN_GAPS = {
+    "test_blink_closes_its_own_eye[barack_obama-right-left]": "right eye aspect -31 %, not -35 %",
+    "test_squint_narrows_and_eyes_wide_opens[barack_obama]": "squint -11 %, not -15 %",
+    "test_gaze_pitch_moves_both_irises_up_and_down[barack_obama-1]": "iris moves 0.35 px, not 0.41",
+    "test_gaze_pitch_moves_both_irises_up_and_down[barack_obama--1]": "iris moves 0.09 px, not 0.41",
+    "test_the_room_stays_still_when_the_head_moves[barack_obama_speaking]": "99.9th pct 13 levels at yaw 15, not 8",
+    "test_jaw_open_opens_the_mouth[barack_obama_speaking]": "jaw 1 measures less open than 0.5 (broken interior)",
+    "test_smile_raises_its_own_corner[barack_obama_speaking-right-left]": "corner rises 0.010 fw, not 0.02",
+    "test_squint_narrows_and_eyes_wide_opens[barack_obama_speaking]": "eyes_wide narrows the eye",
+    "test_gaze_yaw_moves_both_irises_sideways[barack_obama_speaking--1]": "iris moves 1.56 px, not 1.60",
+    "test_gaze_pitch_moves_both_irises_up_and_down[barack_obama_speaking--1]": "iris moves 0.02 px, not 0.40",
+    "test_brows_go_up_and_down[barack_obama_speaking]": "brow_down -0.008 fw, not -0.01",
+    "test_lips_press_closes_the_smiling_mouth[grace_hopper]": "closed-mouth photo: no smile to close",
+    "test_lips_press_closes_the_smiling_mouth[joe_biden]": "closed-mouth photo: no smile to close",
+    "test_blink_closes_its_own_eye[grace_hopper-left-right]": "behind glasses: eye aspect -20 %, not -35 %",
+    "test_blink_closes_its_own_eye[grace_hopper-right-left]": "behind glasses: eye aspect -23 %, not -35 %",
+    "test_squint_narrows_and_eyes_wide_opens[grace_hopper]": "behind glasses: squint -13 %, not -15 %",
+    "test_gaze_yaw_moves_both_irises_sideways[grace_hopper-1]": "iris moves 1.47-1.68 px, not 1.64 both",
+    "test_gaze_pitch_moves_both_irises_up_and_down[grace_hopper-1]": "iris moves 0.01 px, not 0.41",
+    "test_gaze_pitch_moves_both_irises_up_and_down[grace_hopper--1]": "iris moves the wrong way",
+    "test_brows_go_up_and_down[grace_hopper]": "brow_inner_up 0.013 fw, not 0.015",
+}
+
+
+@pytest.fixture(autouse=True)
+def _known_gap(request):
+    reason = KNOWN_GAPS.get(request.node.name)
+    if reason:
+        request.node.add_marker(pytest.mark.xfail(reason=f"known gap (#3): {reason}", strict=True))
+
+
+@pytest.fixture(scope="module", params=FACES, ids=lambda p: Path(p).stem)
+def portrait(request):
     from avatar.portrait import analyze_portrait
 
-    return analyze_portrait(DEFAULT_PORTRAIT)
+    return analyze_portrait(request.param)
 
 
 @pytest.fixture(scope="module")
