@@ -11,6 +11,7 @@ offline callers flush with `flush()` to get the last frames; live callers simply
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -124,6 +125,8 @@ def load_engines(*, audio_model: str = "auto", motion_model: str = "generator") 
         from avatar.errors import AvatarError
 
         raise AvatarError(f"unknown motion model {motion_model!r}: use one of {', '.join(MOTION_MODELS)}")
-    # on the CPU the decoder renders the mouth and eyes on a second core (FaceDecoder.parallel)
+    # on the CPU the decoder renders the mouth and eyes on a second core (FaceDecoder.parallel);
+    # VASA_AVATAR_DECODER_WORKERS=0 keeps it in one thread (a one-core machine, or measuring)
+    workers = int(os.environ.get("VASA_AVATAR_DECODER_WORKERS", "1"))
     return Engines(encoder=load_audio_encoder(resolve_audio_model(audio_model)).eval(), generator=generator_class().eval(),
-                   decoder=FaceDecoder().eval().parallel(1))
+                   decoder=FaceDecoder().eval().parallel(workers))
