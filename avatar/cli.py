@@ -71,14 +71,15 @@ def _render(args: argparse.Namespace) -> int:
 
     result = render_file(portrait=Path(args.portrait), audio=Path(args.audio), output=Path(args.output),
                          controls=_controls(args), audio_model=args.audio_model, motion_model=args.motion_model,
-                         face_index=args.face_index, badge=not args.no_badge, progress=not args.quiet)
+                         face_index=args.face_index, badge=not args.no_badge, progress=not args.quiet,
+                         runtime=args.backend)
     print(f"wrote {result.output}: {result.frames} frames, {result.audio_seconds:.2f} s of audio, "
           f"rendered in {result.wall_seconds:.1f} s ({result.real_time_factor:.2f}x real time)")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    args.portrait, args.audio = str(DEFAULT_PORTRAIT), str(DEFAULT_AUDIO)
+    args.portrait, args.audio, args.backend = str(DEFAULT_PORTRAIT), str(DEFAULT_AUDIO), "auto"
     return _render(args)
 
 
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", required=True, help="speech audio (wav, flac, mp3, m4a, ogg, ...)")
     p.add_argument("-o", "--output", required=True, help="output mp4")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--backend", default="auto", help="engine back-end: auto (a GPU's when there is one), torch, "
+                                                     "onnxruntime, tensorrt")
     _add_motion_flags(p)
     p.set_defaults(run=_render)
 

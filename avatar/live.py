@@ -56,7 +56,7 @@ from avatar.camera import CameraBusyError, Sink
 from avatar.constants import FPS, FRAME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from avatar.errors import AvatarError
 from avatar.mic import DelayedMic, Microphone
-from avatar.pipeline import Pipeline
+from avatar.pipeline import FrameTicker, Pipeline, PipelineTicker, make_ticker
 
 log = logging.getLogger(__name__)
 
@@ -187,52 +187,6 @@ class _Once:
             self.active.discard(key)
             return True
         return False
-
-
-class PipelineTicker:
-    """`tick(samples, render=)` over avatar.pipeline.Pipeline: motion for the block, and the frame
-    when asked and the look-ahead is full (else None)."""
-
-    def __init__(self, pipeline: Pipeline):
-        self.pipeline = pipeline
-        self.lookahead_frames = pipeline.lookahead_frames
-
-    def tick(self, samples: np.ndarray, *, render: bool) -> np.ndarray | None:
-        motion = self.pipeline.motion_step(samples)
-        if not render or self.pipeline.ticks <= self.lookahead_frames:
-            return None
-        return self.pipeline.render(motion)
-
-    def reset(self) -> None:
-        self.pipeline.reset()
-
-
-class FrameTicker:
-    """The same `tick` over an engines.runtime FrameEngine (state kept by the back-end, e.g. on the
-    GPU), with the noise drawn exactly as avatar.pipeline.Pipeline draws it, so a seed gives the
-    same motion on every back-end."""
-
-    def __init__(self, frames, controls, *, seed: int = 0):
-        import torch
-
-        self._torch = torch
-        self.frames = frames
-        self.controls = controls
-        self.seed = seed
-        self.lookahead_frames = frames.lookahead_frames
-        self.n_noise = frames.n_noise
-        self.reset()
-
-    def reset(self) -> None:
-        self.frames.reset()
-        self.noise = self._torch.Generator().manual_seed(self.seed)
-        self.ticks = 0
-
-    def tick(self, samples: np.ndarray, *, render: bool) -> np.ndarray | None:
-        noise = self._torch.rand(1, self.n_noise, generator=self.noise)
-        self.ticks += 1
-        render = render and self.ticks > self.lookahead_frames
-        return self.frames.step(samples, self.controls, noise, render=render)
 
 
 class LiveDaemon:
@@ -556,12 +510,7 @@ def run_live(*, portrait: str | os.PathLike, controls, mic: str | int | None = N
         engines = load_engines(audio_model=audio_model, motion_model=motion_model)
         backend = create_backend(runtime, engines=engines)
         log.info("live: engines on %s", backend.describe())
-        if backend.device.type == "cpu":  # the very Pipeline offline renders use
-            pipeline = PipelineTicker(Pipeline(backend.engines(engines), rig.inputs(), controls_tensor(controls),
-                                               seed=controls.seed))
-        else:  # on the GPU the frame engine keeps state on the device and replays CUDA graphs
-            pipeline = FrameTicker(backend.frame_engine(engines, rig.inputs()), controls_tensor(controls),
-                                   seed=controls.seed)
+        pipeline = make_ticker(backend, engines, rig.inputs(), controls_tensor(controls), seed=controls.seed)
         warm_up(pipeline)
 
         delayed = stack.enter_context(DelayedMic(delayed_mic, backend=audio_backend)) if delayed_mic is not None else None

@@ -94,6 +94,60 @@ class Pipeline:
             yield self.render(self.motion_step(silence))
 
 
+class PipelineTicker:
+    """`tick(samples, render=)` over avatar.pipeline.Pipeline: motion for the block, and the frame
+    when asked and the look-ahead is full (else None)."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.lookahead_frames = pipeline.lookahead_frames
+
+    def tick(self, samples: np.ndarray, *, render: bool) -> np.ndarray | None:
+        motion = self.pipeline.motion_step(samples)
+        if not render or self.pipeline.ticks <= self.lookahead_frames:
+            return None
+        return self.pipeline.render(motion)
+
+    def reset(self) -> None:
+        self.pipeline.reset()
+
+
+class FrameTicker:
+    """The same `tick` over an engines.runtime FrameEngine (state kept by the back-end, e.g. on the
+    GPU), with the noise drawn exactly as avatar.pipeline.Pipeline draws it, so a seed gives the
+    same motion on every back-end."""
+
+    def __init__(self, frames, controls, *, seed: int = 0):
+        self._torch = torch
+        self.frames = frames
+        self.controls = controls
+        self.seed = seed
+        self.lookahead_frames = frames.lookahead_frames
+        self.n_noise = frames.n_noise
+        self.reset()
+
+    def reset(self) -> None:
+        self.frames.reset()
+        self.noise = self._torch.Generator().manual_seed(self.seed)
+        self.ticks = 0
+
+    def tick(self, samples: np.ndarray, *, render: bool) -> np.ndarray | None:
+        noise = self._torch.rand(1, self.n_noise, generator=self.noise)
+        self.ticks += 1
+        render = render and self.ticks > self.lookahead_frames
+        return self.frames.step(samples, self.controls, noise, render=render)
+
+
+def make_ticker(backend, engines: Engines, rig_inputs: tuple[torch.Tensor, ...], controls: torch.Tensor,
+                *, seed: int = 0) -> PipelineTicker | FrameTicker:
+    """The per-tick driver for an engines.runtime back-end: on the CPU the very Pipeline above; on
+    a GPU the back-end's FrameEngine, which keeps the state on the device and replays CUDA graphs
+    (torch) or TensorRT plans. Live, the tray and offline render all tick through this."""
+    if backend.device.type == "cpu":
+        return PipelineTicker(Pipeline(backend.engines(engines), rig_inputs, controls, seed=seed))
+    return FrameTicker(backend.frame_engine(engines, rig_inputs), controls, seed=seed)
+
+
 AUDIO_MODELS = ("auto", "trained", "dsp")
 MOTION_MODELS = ("generator", "baseline")
 

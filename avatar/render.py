@@ -7,12 +7,14 @@ Encoding runs on a writer thread so x264 (which releases the GIL) overlaps the e
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 import avatar
@@ -20,8 +22,10 @@ from avatar.constants import FPS, SAMPLES_PER_FRAME, SAMPLE_RATE
 from avatar.controls import Controls, controls_tensor
 from avatar.disclosure import FrameMarker
 from avatar.media import VideoWriter, open_audio
-from avatar.pipeline import Pipeline, load_engines, resolve_audio_model
+from avatar.pipeline import load_engines, make_ticker, resolve_audio_model
 from avatar.rig import load_rig
+
+log = logging.getLogger(__name__)
 
 FRAME_QUEUE = 8  # frames in flight between the engines and the encoder: bounded, so memory is too
 
@@ -52,14 +56,20 @@ def provenance(controls: Controls, audio_model: str) -> dict[str, str]:
 
 def render_file(*, portrait: Path, audio: Path, output: Path, controls: Controls,
                 audio_model: str = "auto", motion_model: str = "generator", face_index: int | None = None,
-                badge: bool = True, progress: bool = True) -> RenderResult:
+                badge: bool = True, progress: bool = True, runtime: str = "auto") -> RenderResult:
     """Render `audio` spoken by `portrait` into `output` (H.264 512x512 at FPS, AAC audio).
-    Every frame carries the invisible watermark and, unless `badge` is False, the AI badge."""
+    Every frame carries the invisible watermark and, unless `badge` is False, the AI badge.
+    `runtime`: the engines' back-end (engines.runtime; "auto" is a GPU's when there is one)."""
+    from engines.runtime import create_backend
+
     started = time.perf_counter()
     audio_model = resolve_audio_model(audio_model)
     rig = load_rig(portrait, head_distance=controls.head_distance, face_index=face_index)
     engines = load_engines(audio_model=audio_model, motion_model=motion_model)
-    pipeline = Pipeline(engines, rig.inputs(), controls_tensor(controls), seed=controls.seed)
+    backend = create_backend(runtime, engines=engines)
+    log.info("render: engines on %s", backend.describe())
+    ticker = make_ticker(backend, engines, rig.inputs(), controls_tensor(controls), seed=controls.seed)
+    silence = np.zeros(SAMPLES_PER_FRAME, dtype=np.float32)
 
     with open_audio(audio) as source, VideoWriter(output, audio_path=audio,
                                                   metadata=provenance(controls, audio_model)) as writer:
@@ -68,12 +78,12 @@ def render_file(*, portrait: Path, audio: Path, output: Path, controls: Controls
         frames = _FrameWriter(writer, FrameMarker(badge=badge))
         try:
             for block in source.blocks(SAMPLES_PER_FRAME):
-                frame = pipeline.step(block)
+                frame = ticker.tick(block, render=True)
                 if frame is not None:
                     frames.put(frame)
                     bar.update()
-            for frame in pipeline.flush():
-                frames.put(frame)
+            for _ in range(ticker.lookahead_frames):  # the frames still owed: silence through the look-ahead
+                frames.put(ticker.tick(silence, render=True))
                 bar.update()
         finally:
             frames.close()

@@ -81,3 +81,45 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, problem, rig_cache):
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert out.read_bytes() == b"keep me"
+
+
+def test_render_through_a_gpu_style_frame_engine_matches_the_pipeline(tmp_path, rig_cache, monkeypatch):
+    """A back-end on a GPU renders through its FrameEngine (state on the device) instead of the
+    Pipeline: stand one in whose frame engine is the CPU one, and the video must come out the same."""
+    import torch
+
+    from engines import runtime as rt
+
+    audio = tmp_path / "speech.wav"
+    _sox(DEFAULT_AUDIO, audio, "trim", "0", "1.5")
+
+    def frames_of(path):
+        with av.open(str(path)) as container:
+            return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+    reference = tmp_path / "pipeline.mp4"
+    assert main(["render", "--portrait", str(DEFAULT_PORTRAIT), "--audio", str(audio), "-o", str(reference), "-q"]) == 0
+
+    used = []
+
+    class GpuStyle(rt.TorchBackend):
+        def frame_engine(self, engines, rig_inputs, *, timing=False):
+            used.append(True)
+            return rt.FrameEngine(engines, rig_inputs, timing=timing)
+
+        def describe(self):
+            return "a GPU-style stand-in"
+
+    def create_backend(name="auto", **options):
+        backend = GpuStyle()
+        backend.device = torch.device("cuda")  # what make_ticker looks at: not the CPU, so the frame engine
+        return backend
+
+    monkeypatch.setattr(rt, "create_backend", create_backend)
+    framed = tmp_path / "frame_engine.mp4"
+    assert main(["render", "--portrait", str(DEFAULT_PORTRAIT), "--audio", str(audio), "-o", str(framed), "-q"]) == 0
+    assert used, "the render did not go through the frame engine"
+    a, b = frames_of(reference), frames_of(framed)
+    assert len(a) == len(b) == round(1.5 * FPS)
+    # same motion and pixels; only the watermark's hour could differ between the two renders
+    assert max(np.abs(x.astype(int) - y).mean() for x, y in zip(a, b)) < 0.5
