@@ -590,7 +590,8 @@ def main() -> None:
     parser.add_argument("--sheet", type=Path, default=RESULTS / "lipsync_sheet.png")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    talk_s, silent_s = args.behaviour or ((12.0, 6.0) if args.quick else (60.0, 30.0))
+    # a minute of each: at ~17 blinks/min, 30 s holds only ~8 blinks (a 5-min generator run: 17.6-18.6/min)
+    talk_s, silent_s = args.behaviour or ((12.0, 6.0) if args.quick else (60.0, 60.0))
 
     from avatar.cli import DEFAULT_PORTRAIT
     from avatar.controls import Controls, controls_tensor

@@ -352,9 +352,10 @@ def test_head_moves_a_few_degrees_while_talking_less_at_rest(talking, resting):
 def test_head_motion_is_smooth_not_jittery(talking):
     for name in ("yaw", "pitch", "roll"):
         step = np.abs(np.diff(channel(talking[1], name), axis=1))
-        # degrees per 25 ms frame: quick turns at phrase onsets reach ~40 deg/s, nothing snaps
+        # degrees per 25 ms frame: quick turns at phrase onsets reach ~40 deg/s (people's nods peak
+        # at 20-50 deg/s), nothing snaps
         assert step.max() < 1.5
-        assert np.percentile(step, 99) < 0.7
+        assert np.percentile(step, 99) < 0.9  # measured 0.75 (0.6 before nods grew 1.25x)
         assert np.percentile(step, 50) < 0.15
 
 

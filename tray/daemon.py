@@ -308,8 +308,8 @@ class LiveHandle:
         from engines.runtime import create_backend
 
         from avatar.controls import controls_tensor
-        from avatar.live import FrameTicker, PipelineTicker, warm_up
-        from avatar.pipeline import Pipeline, load_engines
+        from avatar.live import warm_up
+        from avatar.pipeline import load_engines, make_ticker
         from avatar.rig import load_rig
 
         torch.set_num_threads(max(1, self.torch_threads))
@@ -318,10 +318,7 @@ class LiveHandle:
         backend = create_backend(self.runtime, engines=engines)
         log.info("live: engines on %s", backend.describe())
         controls = controls_tensor(self.controls)
-        if backend.device.type == "cpu":  # as avatar.live.run_live: the Pipeline offline renders use
-            inner = PipelineTicker(Pipeline(backend.engines(engines), rig.inputs(), controls, seed=self.controls.seed))
-        else:  # the frame engine keeps the state on the GPU and replays CUDA graphs
-            inner = FrameTicker(backend.frame_engine(engines, rig.inputs()), controls, seed=self.controls.seed)
+        inner = make_ticker(backend, engines, rig.inputs(), controls, seed=self.controls.seed)  # as run_live
         warm_up(inner)
         ticker = _TrayTicker(inner, rig.image.numpy(), paused=self._paused, badge=self.badge)
         ticker.set_controls(controls_tensor(self.controls))  # the latest, in case they changed meanwhile
