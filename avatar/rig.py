@@ -80,12 +80,9 @@ class Rig:
 
 def rig_cache_dir() -> Path:
     """$VASA_AVATAR_CACHE/rigs if set, else the user cache dir's vasa-avatar/rigs."""
-    root = os.environ.get("VASA_AVATAR_CACHE")
-    if root:
-        return Path(root) / "rigs"
-    import platformdirs
+    from avatar.settings import cache_dir
 
-    return Path(platformdirs.user_cache_dir("vasa-avatar")) / "rigs"
+    return cache_dir("rigs")
 
 
 def rig_cache_key(image_bytes: bytes, head_distance: float, face_index: int | None) -> str:

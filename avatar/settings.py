@@ -40,6 +40,16 @@ def config_dir() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME))
 
 
+def cache_dir(kind: str) -> Path:
+    """$VASA_AVATAR_CACHE/<kind> if set, else the user cache dir's vasa-avatar/<kind> (rigs, engines)."""
+    root = os.environ.get("VASA_AVATAR_CACHE")
+    if root:
+        return Path(root) / kind
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir(APP_NAME)) / kind
+
+
 def data_dir() -> Path:
     """$VASA_AVATAR_DATA if set, else the user data dir for vasa-avatar (the portrait library lives here)."""
     root = os.environ.get("VASA_AVATAR_DATA")

@@ -199,12 +199,9 @@ def engine_hash(module: nn.Module) -> str:
 
 def engine_cache_dir() -> Path:
     """$VASA_AVATAR_CACHE/engines if set, else the user cache dir's vasa-avatar/engines."""
-    root = os.environ.get("VASA_AVATAR_CACHE")
-    if root:
-        return Path(root) / "engines"
-    import platformdirs
+    from avatar.settings import cache_dir
 
-    return Path(platformdirs.user_cache_dir("vasa-avatar")) / "engines"
+    return cache_dir("engines")
 
 
 # ---- precision ----------------------------------------------------------------------------------
