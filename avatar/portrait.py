@@ -14,11 +14,16 @@ Steps of `analyze_portrait`:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import math
 import os
+import re
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -546,11 +551,38 @@ def _over(frame: np.ndarray, fill: np.ndarray, weight: np.ndarray) -> np.ndarray
 # Analysis
 
 
-def _quiet_mediapipe() -> None:
-    # mediapipe's C++ logging (glog/absl) prints several lines per graph to stderr; these only take
-    # effect before mediapipe is first imported, and setdefault leaves a caller's choice alone
-    os.environ.setdefault("GLOG_minloglevel", "2")
+# what mediapipe 0.10.21's native code writes to stderr on every graph: absl logs before its
+# logging is initialised (GLOG_minloglevel does not reach them) and TF Lite's delegate notice
+_NATIVE_NOISE = re.compile(r"^(?:[WIEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] |INFO: Created TensorFlow Lite |"
+                           r"WARNING: All log messages before absl::InitializeLog)")
+
+
+@contextlib.contextmanager
+def _quiet_mediapipe():
+    """Keeps mediapipe's native log lines off the terminal: on the main thread, stderr (fd 2) goes
+    to a temporary file while mediapipe runs, and what was not mediapipe noise (our own log lines,
+    any real error) is written back to stderr afterwards, in order."""
+    os.environ.setdefault("GLOG_minloglevel", "2")  # the rest of its logging (before first import)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not _NATIVE_NOISE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def analyze_portrait(source, *, head_distance: float = DEFAULT_HEAD_DISTANCE,
@@ -574,7 +606,12 @@ def analyze_portrait(source, *, head_distance: float = DEFAULT_HEAD_DISTANCE,
         image, src_scale = _read_image(path, MAX_LOAD_SIDE)
     source_hash = _hash_source(source)
 
-    _quiet_mediapipe()
+    with _quiet_mediapipe():
+        return _analyze(image, name, src_scale, source_hash, head_distance, face_index)
+
+
+def _analyze(image: np.ndarray, name: str, src_scale: float, source_hash: str, head_distance: float,
+             face_index: int | None) -> Portrait:
     import mediapipe as mp
 
     sol = mp.solutions

@@ -430,3 +430,22 @@ def test_embedded_icc_profile_is_converted_to_srgb(tmp_path):
     px[:, :64] = (200, 60, 40)
     Image.fromarray(px).save(tagged, icc_profile=ADOBE_RGB_ICC.read_bytes())
     assert np.abs(load_image(tagged)[:, :64].astype(int) - (200, 60, 40)).max() >= 10
+
+
+def test_mediapipe_native_log_lines_stay_off_stderr(capfd, caplog):
+    """mediapipe writes absl/TF Lite lines to fd 2 on every graph; the analysis keeps them off the
+    terminal while its own messages (replayed afterwards) still reach it."""
+    import sys
+
+    caplog.set_level(logging.INFO, logger="avatar.portrait")
+    handler = logging.StreamHandler(sys.stderr)  # what the CLI's logging writes to
+    logging.getLogger("avatar.portrait").addHandler(handler)
+    try:
+        a, b = load_image(ASTRONAUT), load_image(FACES / "grace_hopper.jpg")
+        b = cv2.resize(b, (round(b.shape[1] * a.shape[0] / b.shape[0]), a.shape[0]))
+        analyze_portrait(np.ascontiguousarray(np.concatenate([a, b], axis=1)))  # two faces: says which it uses
+    finally:
+        logging.getLogger("avatar.portrait").removeHandler(handler)
+    err = capfd.readouterr().err
+    assert "inference_feedback_manager" not in err and "TensorFlow Lite" not in err, err[:500]
+    assert "using the largest" in err
