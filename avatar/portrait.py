@@ -624,7 +624,7 @@ def _analyze(image: np.ndarray, name: str, src_scale: float, source_hash: str, h
     if face_index is None:
         face_index = 0
         if len(faces) > 1:
-            log.info("found %d faces, using the largest; --face-index picks another", len(faces))
+            log.warning("found %d faces in %s, using the largest; --face-index N picks another", len(faces), name)
     if not (0 <= face_index < len(faces)):
         raise AvatarError(f"face index {face_index} is out of range: found {len(faces)} "
                           f"face{'s' if len(faces) != 1 else ''} in {name} (use 0 to {len(faces) - 1})")
@@ -651,7 +651,7 @@ def _analyze(image: np.ndarray, name: str, src_scale: float, source_hash: str, h
         used = _fit_distance(eyes_src.mean(axis=0), center_x, _face_width(src), head_distance,
                              image.shape[1], image.shape[0])
         if used < head_distance:
-            log.info("head distance %.2f would frame mostly beyond the edges of %s; using %.2f",
+            log.warning("head distance %.2f would frame mostly beyond the edges of %s; using %.2f",
                      head_distance, name, used)
         crop = _framing(eyes_src.mean(axis=0), center_x, _face_width(src), used)
         frame, beyond = _cut(image, crop)

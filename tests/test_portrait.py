@@ -295,7 +295,7 @@ def test_two_faces_largest_first_and_index(tmp_path, astro_rgb, caplog):
     with caplog.at_level(logging.INFO, logger="avatar.portrait"):
         big = analyze_portrait(canvas)
     assert big.n_faces == 2 and big.face_index == 0
-    assert any("found 2 faces, using the largest" in r.getMessage() for r in caplog.records)
+    assert any("found 2 faces" in r.getMessage() and "using the largest" in r.getMessage() for r in caplog.records)
     small = analyze_portrait(canvas, face_index=1)
     assert small.face_index == 1
     # each frame is centred on its face: the big one's square in the left half of the canvas,
