@@ -32,6 +32,7 @@ At zero motion every displacement is an exact zero, so the photo comes back unch
 from __future__ import annotations
 
 import math
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -333,6 +334,7 @@ class FaceDecoder(nn.Module):
         buf("eye_at", torch.tensor([0.5 * EYE_W, 0.5 * EYE_H]))
         buf("eye_room", torch.tensor([float(WIN - EYE_W), float(WIN - EYE_H)]))
         self._pool: ThreadPoolExecutor | None = None
+        self._still: tuple | None = None  # see _still_frame
 
     def parallel(self, workers: int = 1) -> FaceDecoder:
         """On the CPU, render the mouth and eye windows on `workers` threads of their own while the
@@ -346,10 +348,23 @@ class FaceDecoder(nn.Module):
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="face-decoder") if workers > 0 else None
         return self
 
+    def _still_frame(self, photo_u8: Tensor, frame_source: Tensor) -> Tensor:
+        """(FRAME_SIZE, FRAME_SIZE, 3) uint8: the frame outside the head window (zeros inside it),
+        made once per rig and kept while these very tensors are unchanged (their in-place version
+        counters included)."""
+        key = (id(photo_u8), photo_u8._version, id(frame_source), frame_source._version)
+        cached = self._still
+        if cached is None or cached[0] != key or cached[1]() is not photo_u8 or cached[2]() is not frame_source:
+            frame = torch.cat([photo_u8, photo_u8.new_zeros(N_WIN, 3)]).index_select(0, frame_source)
+            self._still = cached = (key, weakref.ref(photo_u8), weakref.ref(frame_source),
+                                    frame.view(FRAME_SIZE, FRAME_SIZE, 3))
+        return cached[3]
+
     def __getstate__(self):  # copies and pickles carry no threads
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_pool"] = None
+        state["_still"] = None
         return state
 
     def forward(self, motion: Tensor, photo_rgbm: Tensor, photo_u8: Tensor, window_background: Tensor,
@@ -419,9 +434,18 @@ class FaceDecoder(nn.Module):
         # each sub-window blends into the head window by its own weight (1 where its layers differ
         # from the main map's rendering), so the person/background compositing stays the head
         # window's; one after another, so windows may overlap
+        # eager on the CPU the window offsets are plain numbers, so the windows are pasted by slicing;
+        # traced, exported or on a GPU (no host reads there) by the index maps. The same pixels.
+        sliced = motion.device.type == "cpu" and not _tracing()
         for (image, weight), origin, index in ((mouth, mouth_origin, self.mouth_index),
                                                ((eyes[0], eye_weight[0]), eye_origin[0], self.eye_index),
                                                ((eyes[1], eye_weight[1]), eye_origin[1], self.eye_index)):
+            if sliced:
+                h, w = image.shape[-2:]
+                ox, oy = (int(v) for v in (origin - window_origin).tolist())
+                under = window.view(3, WIN, WIN)[:, oy:oy + h, ox:ox + w]
+                under.copy_(torch.lerp(under, image.reshape(3, h, w), weight.reshape(1, h, w)))
+                continue
             offset = (origin - window_origin).to(torch.int64)
             index = index + (offset[1] * WIN + offset[0])
             under = window.gather(1, index)
@@ -431,6 +455,11 @@ class FaceDecoder(nn.Module):
         # (N_WIN, 3): interleaving the uint8 rows by stack is ~2x cheaper on CPUs than the copy of a
         # transposed view (which cat would make)
         window_u8 = torch.stack(window.round().to(torch.uint8).unbind(0), dim=1)
+        if sliced:
+            x0, y0 = (int(v) for v in window_origin.tolist())
+            frame = self._still_frame(photo_u8, frame_source).clone()
+            frame[y0:y0 + WIN, x0:x0 + WIN] = window_u8.view(WIN, WIN, 3)
+            return frame.unsqueeze(0)
         frame = torch.cat([photo_u8, window_u8], dim=0).index_select(0, frame_source)
         return frame.view(1, FRAME_SIZE, FRAME_SIZE, 3)
 

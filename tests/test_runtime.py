@@ -892,3 +892,21 @@ def test_bench_engines_writes_per_stage_json(rig, tmp_path, capsys):
     assert "ort-test on" in capsys.readouterr().out
     assert bench.main(["engines", "--backend", "nope", "--frames", "1", "--audio-model", "dsp",
                        "--out", str(tmp_path)]) == 1
+
+
+def test_decoder_pastes_the_same_pixels_eager_and_traced(rig):
+    """Eager on the CPU the decoder pastes its windows by slicing at the (host) offsets, and renders
+    the mouth and eyes on a worker thread; traced (what ONNX and TensorRT get) it uses the index
+    maps in one thread. Both must give exactly the same frame."""
+    from avatar.motion import CHANNELS
+
+    decoder = FaceDecoder().eval().parallel(1)
+    rng = np.random.default_rng(7)
+    low = np.array([c.low for c in CHANNELS], np.float32)
+    high = np.array([c.high for c in CHANNELS], np.float32)
+    motions = [torch.from_numpy(low + (high - low) * rng.random(len(CHANNELS), dtype=np.float32))[None]
+               for _ in range(4)]
+    with torch.no_grad():
+        traced = torch.jit.trace(FaceDecoder().eval(), (motions[0], *rig.inputs()), check_trace=False)
+        for motion in motions:
+            assert torch.equal(decoder(motion, *rig.inputs()), traced(motion, *rig.inputs()))
