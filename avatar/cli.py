@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from avatar.errors import AvatarError
+from avatar.memory import steady_heap
 
 ASSETS = resources.files("avatar") / "assets"
 DEFAULT_PORTRAIT = ASSETS / "astronaut.png"
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    steady_heap()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     # mediapipe's C++ logging is noise for users; errors still surface as exceptions
     os.environ.setdefault("GLOG_minloglevel", "2")

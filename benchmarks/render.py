@@ -29,7 +29,9 @@ import json, sys, torch
 from pathlib import Path
 from avatar.cli import DEFAULT_PORTRAIT
 from avatar.controls import Controls
+from avatar.memory import steady_heap
 from avatar.render import render_file
+steady_heap()  # as the CLI does
 torch.set_num_threads(int(sys.argv[4]))
 result = render_file(portrait=Path(DEFAULT_PORTRAIT), audio=Path(sys.argv[1]), output=Path(sys.argv[2]),
                      controls=Controls(), audio_model=sys.argv[3], progress=False)

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 
 from avatar import library
 from avatar.errors import AvatarError
+from avatar.memory import steady_heap
 from avatar.settings import Settings, load_settings, save_settings, settings_path
 from tray import autostart, log_path
 from tray.daemon import STATUS_EVERY_S, Daemon, LiveHandle
@@ -392,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    steady_heap()
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
