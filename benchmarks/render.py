@@ -5,6 +5,8 @@ Python process (so peak RSS is that render's own), and writes benchmarks/results
 
     python benchmarks/render.py --seconds 10 60            # RTF and peak RSS at 10 s and 1 min
     python benchmarks/render.py --seconds 60 600 3600      # flat memory: 1, 10 and 60 minutes
+    python benchmarks/render.py --seconds 3600 --stop-after 2400 --out benchmarks/results/render-memory.json
+                                                           # RSS every 30 s of a long render, stopped at 40 min
 """
 
 from __future__ import annotations
@@ -51,12 +53,24 @@ def make_audio(seconds: float, folder: Path) -> Path:
     return out
 
 
+def _resident_mb(pid: int) -> tuple[float, float] | None:
+    """(VmRSS, VmHWM) of a running process in MB, from /proc (None once it is gone)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, nargs="+", default=[10.0, 60.0])
     parser.add_argument("--audio-model", default="auto")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "render.json")
+    parser.add_argument("--sample-every", type=float, default=30.0, help="s between samples of the render's RSS")
+    parser.add_argument("--stop-after", type=float, default=None,
+                        help="s of wall time after which a render is stopped (its RSS samples so far are kept)")
     args = parser.parse_args()
 
     runs = []
@@ -65,14 +79,37 @@ def main() -> None:
             audio = make_audio(seconds, Path(tmp))
             env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOG_minloglevel": "2"}
             started = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", CHILD, str(audio), str(Path(tmp) / "out.mp4"),
-                                   args.audio_model, str(args.threads)],
-                                  capture_output=True, text=True, env=env, check=True)
-            run = json.loads(proc.stdout.strip().splitlines()[-1])
+            child = subprocess.Popen([sys.executable, "-c", CHILD, str(audio), str(Path(tmp) / "out.mp4"),
+                                      args.audio_model, str(args.threads)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            samples = []  # (wall s, resident MB, peak MB) of the render process while it runs
+            stopped = False
+            while child.poll() is None:
+                time.sleep(min(args.sample_every, 1.0) if not samples else args.sample_every)
+                rss = _resident_mb(child.pid)
+                if rss is not None:
+                    samples.append([round(time.perf_counter() - started, 1), *rss])
+                    print(f"    {samples[-1][0]:7.0f} s: RSS {rss[0]:.0f} MB (peak {rss[1]:.0f})", flush=True)
+                if args.stop_after and time.perf_counter() - started > args.stop_after:
+                    child.terminate()
+                    stopped = True
+            out, err = child.communicate()
+            if stopped:
+                run = {"stopped_after_s": round(time.perf_counter() - started, 1),
+                       "audio_seconds_requested": seconds}
+            else:
+                if child.returncode != 0:
+                    raise SystemExit(f"render failed: {err.strip().splitlines()[-1] if err.strip() else child.returncode}")
+                run = json.loads(out.strip().splitlines()[-1])
             run["process_seconds"] = time.perf_counter() - started
+            run["rss_samples_s_mb_peak_mb"] = samples
             runs.append(run)
-            print(f"{seconds:>7g} s audio: RTF {run['rtf']:.3f}, "
-                  f"{1000 * run['wall_seconds'] / run['frames']:.1f} ms/frame, peak RSS {run['peak_rss_mb']:.0f} MB")
+            if stopped:
+                print(f"{seconds:>7g} s audio: stopped after {run['stopped_after_s']:.0f} s, "
+                      f"last RSS {samples[-1][1] if samples else float('nan'):.0f} MB")
+            else:
+                print(f"{seconds:>7g} s audio: RTF {run['rtf']:.3f}, "
+                      f"{1000 * run['wall_seconds'] / run['frames']:.1f} ms/frame, peak RSS {run['peak_rss_mb']:.0f} MB")
 
     report = {
         "benchmark": "offline render (vasa-avatar render, bundled portrait, looped bundled voice)",
