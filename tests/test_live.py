@@ -159,7 +159,10 @@ def test_one_frame_per_tick_and_latency_matches_the_truth():
     fresh = ~np.isnan(rec["latency_ms"])
     truth = true_latencies_ms(camera, world, rec["handed"])
     assert fresh.sum() >= 0.8 * expected
-    np.testing.assert_allclose(rec["latency_ms"][fresh], truth[fresh], atol=0.2)
+    # (to 0.2 ms for 99 % of them; a thread woken late can shift one by a little more, seen once at
+    # 0.201 ms in 157 on this shared 2-core machine; a wrong formula is off by whole blocks, 25 ms)
+    error = np.abs(rec["latency_ms"][fresh] - truth[fresh])
+    assert np.percentile(error, 99) <= 0.2 and error.max() <= 1.0, error.max()
     # a fast renderer: a frame is at most one audio block plus one tick old
     assert np.percentile(rec["latency_ms"][fresh], 95) <= 60.0
     # hand-over against the deadline schedule: never early; deadlines a period apart (or whole
