@@ -249,7 +249,16 @@ def test_without_mediapipe_a_stale_rig_is_rebuilt_from_the_saved_portrait(rig, m
         a, b = rebuilt.engine[name], rig.engine[name]
         assert a.shape == b.shape and a.dtype == b.dtype, name
         if a.is_floating_point():
-            assert float((a - b).abs().max()) <= 1e-3 * (1 + float(b.abs().max())), name
+            scale, diff = float(b.abs().max()), (a - b).abs()
+            # OpenCV's SIMD paths round differently on different CPUs (AVX-512 Intel vs AVX2 AMD):
+            # the framed photo and inpainted background may differ by one gray level in a few
+            # pixels, so 0..255 pixel tensors may too; all geometry must still match closely.
+            one_level = 1.0 if scale > 2.0 else 0.0
+            assert float(diff.max()) <= one_level + 1e-3 * (1 + scale), name
+            assert float(diff.mean()) <= 1e-2 + 1e-4 * scale, name
+        elif a.dtype == torch.uint8:  # pixels, as above
+            diff = (a.int() - b.int()).abs()
+            assert int(diff.max()) <= 1 and float(diff.float().mean()) <= 1e-2, name
         else:
             assert torch.equal(a, b), name
 
