@@ -59,6 +59,7 @@ from avatar.motion import index as motion_index  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MAX_LAG = 5  # frames searched either way
+COMMANDED_SHUT_JAW = 0.05  # jaw_open at or below this counts as shut for a commanded closure
 CLOSED_FRACTION = 0.25  # lips count as closed below this fraction of the clip's median speech aperture
 ENVELOPE_SMOOTH = np.array([0.25, 0.5, 0.25])  # light smoothing of the per-frame RMS
 SILENCE_NOISE_DBFS = -65.0  # the "silent" part of the behaviour run: a quiet room, not digital zeros
@@ -346,7 +347,9 @@ def synthetic_metrics(stream: Stream, rendered: Rendered, features: np.ndarray |
     # the measured frames above). A stage's closure: its closure signal >= 0.5 (within +-1 frame
     # of a bilabial midpoint for a hit, at the midpoint of another phone for a false closure)
     jaw_cmd = rendered.motion[:, motion_index("jaw_open")]
-    press_cmd = rendered.motion[:, motion_index("lips_press")]
+    # a commanded closure: lips pressed with the jaw shut (the generator's lip seal alone presses
+    # the lips part way wherever the jaw is low, and an open jaw keeps them apart)
+    press_cmd = rendered.motion[:, motion_index("lips_press")] * (jaw_cmd <= COMMANDED_SHUT_JAW)
 
     def closure_rates(x: np.ndarray) -> tuple[float, float]:
         hit = float(np.mean([np.nanmax(x[m - 1:m + 2]) >= 0.5 for m in mids])) if len(mids) else float("nan")

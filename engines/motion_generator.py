@@ -15,7 +15,9 @@ same seed and audio give the same motion.
 
 The behaviour is hand-built from measured human figures (shared/REFERENCE.md), not learned:
 - mouth: the articulation targets through asymmetric smoothing; a lip closure closes the lips in
-  the frame it appears and drops the jaw with it; silence relaxes and closes the mouth.
+  the frame it appears and drops the jaw with it; while talking the lips seal as the jaw nears
+  shut (lips_press grows to SEAL_MAX at jaw 0), so a photo with parted lips does not talk through
+  its fixed gap; silence relaxes and closes the mouth.
 - prosody: a speech detector with a tracked noise floor, pause/utterance timers, and stressed
   syllables as loudness/pitch peaks over running averages.
 - head: drift (band-limited noise, larger while talking), damped nods/turns kicked by stressed
@@ -82,11 +84,14 @@ STRESS_THRESHOLD = 0.10
 STRESS_REFRACTORY = 0.35  # s: at most ~3 accents a second
 
 # mouth
-A_JAW_OPEN, A_JAW_CLOSE = _alpha(0.015), _alpha(0.04)  # measured: 0.03, 0.05 cost 0.025 of r with the phone target (lag +1)
+A_JAW_OPEN, A_JAW_CLOSE = _alpha(0.015), _alpha(0.02)  # measured: 0.03, 0.05 cost 0.025 of r with the phone target (lag +1)
 A_LIPS = _alpha(0.04)
-A_PRESS_RELEASE = _alpha(0.04)  # the attack is instant so plosives close in their own frame
+A_PRESS_RELEASE = _alpha(0.012)  # the attack is instant so plosives close in their own frame
 CLOSURE_LOW, CLOSURE_FULL = 0.2, 0.5  # lips_closed feature -> press 0 .. 1
 JAW_GATE_WIDTH = 0.1  # loudness span over which the jaw target fades in around the speech threshold
+# the lip seal: while talking, the lips come together as the jaw nears closed (t, n, s, pauses), so a
+# portrait photographed with parted lips does not talk through a fixed gap; gone at SEAL_JAW
+SEAL_JAW, SEAL_MAX = 0.5, 0.9
 
 # head, degrees (face widths for tx/ty, log for scale); drift std per HEAD_AXES
 HEAD_AXES = ("yaw", "pitch", "roll", "tx", "ty", "scale")
@@ -269,6 +274,7 @@ K = _Constants(
     BOUNDARY_END=BOUNDARY_S + DT, AVG_COUNT_CAP=AVG_COUNT_CAP, PITCH_STRESS_WEIGHT=PITCH_STRESS_WEIGHT,
     STRESS_THRESHOLD=STRESS_THRESHOLD, STRESS_REFRACTORY=STRESS_REFRACTORY,
     CLOSURE_LOW=CLOSURE_LOW, CLOSURE_GAIN=1.0 / (CLOSURE_FULL - CLOSURE_LOW), JAW_GATE_GAIN=1.0 / JAW_GATE_WIDTH,
+    SEAL_GAIN=SEAL_MAX / SEAL_JAW, SEAL_MAX=SEAL_MAX,
     A_JAW_OPEN=A_JAW_OPEN, A_JAW_CLOSE=A_JAW_CLOSE, A_BROW_UP=A_BROW_UP, A_BROW_DOWN=A_BROW_DOWN,
     WANDER_P=_alpha(1.0 / WANDER_RATE), SACCADE_P=SACCADE_RATE * DT, SACCADE_REFRACTORY=SACCADE_REFRACTORY,
     AVERT_PROBABILITY=AVERT_PROBABILITY, AVERT_END_SILENCE=AVERT_END_SILENCE, SHIFT_DEG=SHIFT_DEG,
@@ -412,8 +418,10 @@ class MotionGenerator(nn.Module):
                                    zero)
         press = torch.where(press_target > m["press"], press_target, m["press"].lerp(press_target, A_PRESS_RELEASE))
         open_ = k.ONE - press
-        jaw_target = f["jaw_open"] * ((loud - threshold) * k.JAW_GATE_GAIN + k.HALF).clamp(0.0, 1.0)
+        gate = ((loud - threshold) * k.JAW_GATE_GAIN + k.HALF).clamp(0.0, 1.0)
+        jaw_target = f["jaw_open"] * torch.where(talking, k.ONE, gate)
         jaw = m["jaw"].lerp(jaw_target, torch.where(jaw_target > m["jaw"], k.A_JAW_OPEN, k.A_JAW_CLOSE)) * open_
+        seal = (k.SEAL_MAX - jaw * k.SEAL_GAIN).clamp(min=0.0) * activity  # relaxes with the talking
         lips = m["lips"].lerp(features[:, 1:3] * speaking, A_LIPS)  # (B, 2) wide, round
 
         # ---- gaze, (B, 2) = (yaw, pitch): saccadic jumps between targets -------------------------
@@ -500,7 +508,7 @@ class MotionGenerator(nn.Module):
         base = (o["lids"] + k.LID_FOLLOWS_GAZE * eyes[:, 1:].clamp(min=0.0)).clamp(0.0, 0.5)
         lids = base + (k.ONE - base) * (lid * b["gain"])
 
-        motion = torch.cat([head6, jaw + o["jaw"] * open_, lips + o["lips"], press + o["press"], o["mouth"],
+        motion = torch.cat([head6, jaw + o["jaw"] * open_, lips + o["lips"], torch.maximum(press, seal) + o["press"], o["mouth"],
                             o["brows"] + self.brow_shape * env, lids, o["eyes"], eyes], dim=1)
         motion = torch.minimum(torch.maximum(motion, self.low), self.high)
 
