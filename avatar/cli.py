@@ -145,7 +145,7 @@ def _bench(args: argparse.Namespace) -> int:
         from avatar.bench import bench_engines, summary
 
         results = bench_engines(args.backend, frames=args.frames, out=args.out, audio_model=args.audio_model,
-                                progress=True)
+                                threads=args.threads, label=args.label, progress=True)
         print(summary(results))
         print(f"wrote {results['path']}")
     else:
@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="auto", help="auto, torch, onnxruntime, tensorrt")
     b.add_argument("--frames", type=int, default=500)
     b.add_argument("--audio-model", default="auto", choices=("auto", "trained", "dsp"))
+    b.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch intra-op / onnxruntime per session; default: the back-end's)")
+    b.add_argument("--label", default=None, help="name in the results file (default: the back-end's)")
     b.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     b.set_defaults(run=_bench)
     b = bench.add_parser("live", help="a file through a fake microphone into a fake camera, at real-time pace")

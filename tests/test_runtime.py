@@ -894,6 +894,20 @@ def test_bench_engines_writes_per_stage_json(rig, tmp_path, capsys):
                        "--out", str(tmp_path)]) == 1
 
 
+def test_cli_bench_engines_takes_threads_and_label(rig, tmp_path, capsys):
+    """`vasa-avatar bench engines --threads N` is how the README's CPU rows are measured."""
+    from avatar import cli
+
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["bench", "engines", "--backend", "torch", "--threads", "1", "--frames", "2",
+                         "--audio-model", "dsp", "--label", "cli-1t", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    saved = json.loads((tmp_path / "engines-cli-1t-cpu.json").read_text())
+    assert saved["torch_threads"] == 1 and saved["label"] == "cli-1t" and saved["frames"] == 2
+
+
 def test_decoder_pastes_the_same_pixels_eager_and_traced(rig):
     """Eager on the CPU the decoder pastes its windows by slicing at the (host) offsets, and renders
     the mouth and eyes on a worker thread; traced (what ONNX and TensorRT get) it uses the index
