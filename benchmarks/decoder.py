@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from avatar.memory import steady_heap  # noqa: E402
 from avatar.motion import CHANNELS  # noqa: E402
 from engines.face_decoder import FaceDecoder  # noqa: E402
 
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("-o", "--output", default=str(RESULTS))
     args = p.parse_args(argv)
+    steady_heap()  # as the CLI, render and live do: without it glibc faults fresh pages in every frame
 
     from avatar.rig import Rig, load_rig
 

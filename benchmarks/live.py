@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from avatar.errors import AvatarError  # noqa: E402
 from avatar.live import bench_live  # noqa: E402
+from avatar.memory import steady_heap  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--out", type=Path, default=ROOT / "benchmarks" / "results" / "live.json")
     p.add_argument("-v", "--verbose", action="store_true", help="the daemon's status line every 5 s")
     args = p.parse_args(argv)
+    steady_heap()  # as `vasa-avatar run` does
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         result = bench_live(audio=args.audio, seconds=args.seconds, portrait=args.portrait, out=args.out,
