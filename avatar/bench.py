@@ -25,7 +25,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from avatar.constants import FPS, FRAME_SIZE, SAMPLES_PER_FRAME
 from avatar.errors import AvatarError
@@ -63,6 +62,8 @@ def bench_engines(backend: str = "auto", *, frames: int = 500, out: Path | None 
     """Time `frames` frames on `backend` ("auto", "torch", "onnxruntime", "tensorrt", or any
     registered name). `out`: the results folder (None: do not write). Returns the results dict:
     per engine and for the whole frame mean/p50/p99/max ms, FPS, device, versions, settings."""
+    import torch
+
     from avatar.controls import Controls, controls_tensor
     from avatar.pipeline import load_engines
     from engines.export import read_voice, reference_rig
@@ -146,6 +147,8 @@ def _load() -> float:
 
 
 def _versions(backend: str) -> dict[str, str]:
+    import torch
+
     v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
     if torch.version.cuda:
         v["cuda"] = str(torch.version.cuda)
@@ -170,35 +173,48 @@ def summary(results: dict) -> str:
             f"motion {s['motion']['p50']:.2f}, face {s['face']['p50']:.2f} ms; load {results['load_average'][0]}")
 
 
-def main(argv=None) -> int:
-    from engines.runtime import backend_names
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The `engines` benchmark's options, for `python -m avatar.bench engines` and `vasa-avatar bench
+    engines` alike (run_engines takes the parsed arguments)."""
+    p.add_argument("--backend", default="auto", help="auto, torch, onnxruntime, tensorrt or a registered back-end "
+                                                     "(default: auto)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the back-end's)")
+    p.add_argument("--frames", type=int, default=500)
+    p.add_argument("--warmup", type=int, default=WARMUP_FRAMES)
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="torch on CUDA: run eagerly")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch intra-op / onnxruntime per session; default: the back-end's)")
+    p.add_argument("--audio-model", default="auto", choices=("auto", "trained", "dsp"))
+    p.add_argument("--motion-model", default="generator", choices=("generator", "baseline"))
+    p.add_argument("--plan-dir", type=Path, default=None, help="TensorRT plans (default: the engine cache's)")
+    p.add_argument("--label", default=None, help="name in the results file (default: the back-end's)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default: {RESULTS_DIR})")
 
-    p = argparse.ArgumentParser(prog="python -m avatar.bench", description="engine benchmarks (JSON results)")
-    sub = p.add_subparsers(dest="what", required=True)
-    e = sub.add_parser("engines", help="ms per frame per engine and for the whole frame")
-    e.add_argument("--backend", default="auto", help=f"one of {', '.join(backend_names())} (default: auto)")
-    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the back-end's)")
-    e.add_argument("--frames", type=int, default=500)
-    e.add_argument("--warmup", type=int, default=WARMUP_FRAMES)
-    e.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="torch on CUDA: run eagerly")
-    e.add_argument("--threads", type=int, default=None, help="CPU threads (torch intra-op / onnxruntime per session)")
-    e.add_argument("--audio-model", default="auto", choices=("auto", "trained", "dsp"))
-    e.add_argument("--motion-model", default="generator", choices=("generator", "baseline"))
-    e.add_argument("--plan-dir", type=Path, default=None, help="TensorRT plans (default: the engine cache's)")
-    e.add_argument("--label", default=None, help="name in the results file (default: the back-end's)")
-    e.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default: {RESULTS_DIR})")
-    args = p.parse_args(argv)
-    try:
-        results = bench_engines(args.backend, frames=args.frames, out=args.out, device=args.device,
-                                cuda_graph=args.cuda_graph, threads=args.threads, audio_model=args.audio_model,
-                                motion_model=args.motion_model, plan_dir=args.plan_dir, warmup=args.warmup,
-                                label=args.label, progress=True)
-    except AvatarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+def run_engines(args: argparse.Namespace) -> int:
+    """Run the benchmark add_engine_arguments describes; print the summary and where it went."""
+    results = bench_engines(args.backend, frames=args.frames, out=args.out, device=args.device,
+                            cuda_graph=args.cuda_graph, threads=args.threads, audio_model=args.audio_model,
+                            motion_model=args.motion_model, plan_dir=args.plan_dir, warmup=args.warmup,
+                            label=args.label, progress=True)
     print(summary(results))
     print(f"wrote {results['path']}")
     return 0
+
+
+def main(argv=None) -> int:
+    from avatar.memory import steady_heap
+
+    p = argparse.ArgumentParser(prog="python -m avatar.bench", description="engine benchmarks (JSON results)")
+    sub = p.add_subparsers(dest="what", required=True)
+    add_engine_arguments(sub.add_parser("engines", help="ms per frame per engine and for the whole frame"))
+    args = p.parse_args(argv)
+    steady_heap()  # as the CLI does
+    try:
+        return run_engines(args)
+    except AvatarError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from avatar.bench import add_engine_arguments
 from avatar.errors import AvatarError
 from avatar.memory import steady_heap
 
@@ -142,20 +143,16 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "engines":
-        from avatar.bench import bench_engines, summary
+        from avatar.bench import run_engines
 
-        results = bench_engines(args.backend, frames=args.frames, out=args.out, audio_model=args.audio_model,
-                                threads=args.threads, label=args.label, progress=True)
-        print(summary(results))
-        print(f"wrote {results['path']}")
-    else:
-        from avatar.live import bench_live
+        return run_engines(args)
+    from avatar.live import bench_live
 
-        out = args.out / "live.json"
-        results = bench_live(audio=Path(args.audio), seconds=args.seconds, portrait=args.portrait and Path(args.portrait),
-                             out=out)
-        print(json.dumps({k: v for k, v in results.items() if not isinstance(v, (list, dict))}, indent=2))
-        print(f"wrote {out}")
+    out = args.out / "live.json"
+    results = bench_live(audio=Path(args.audio), seconds=args.seconds, portrait=args.portrait and Path(args.portrait),
+                         out=out)
+    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, (list, dict))}, indent=2))
+    print(f"wrote {out}")
     return 0
 
 
@@ -237,13 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks (results as JSON under benchmarks/results/)")
     bench = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     b = bench.add_parser("engines", help="ms per frame per engine and for the whole frame")
-    b.add_argument("--backend", default="auto", help="auto, torch, onnxruntime, tensorrt")
-    b.add_argument("--frames", type=int, default=500)
-    b.add_argument("--audio-model", default="auto", choices=("auto", "trained", "dsp"))
-    b.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (torch intra-op / onnxruntime per session; default: the back-end's)")
-    b.add_argument("--label", default=None, help="name in the results file (default: the back-end's)")
-    b.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    add_engine_arguments(b)
     b.set_defaults(run=_bench)
     b = bench.add_parser("live", help="a file through a fake microphone into a fake camera, at real-time pace")
     b.add_argument("--audio", default=str(DEFAULT_AUDIO), help="speech to play (looped to --seconds)")
