@@ -435,7 +435,8 @@ class FaceDecoder(nn.Module):
         sliced = motion.device.type == "cpu" and not _tracing()  # host reads are free: see the module's docstring
         mouth_args = (anchor_src, anchors, mouth_origin, mouth_shift, lips, mouth_src_origin, mouth_layers,
                       mouth_blend, cavity_rgb, sliced)
-        eye_args = (motion, eye_origin, eye_shift, photo_rgbm, eye_frame, eye_lids, eye_src_origin, eye_ball, eye_iris)
+        eye_args = (motion, eye_origin, eye_shift, photo_rgbm, eye_frame, eye_lids, eye_src_origin, eye_ball, eye_iris,
+                    sliced)
         pool = self._pool if self._pool is not None and sliced else None
         if pool is not None:  # the mouth and the eyes on another core while this thread does the head window
             inference = torch.is_inference_mode_enabled()
@@ -620,8 +621,10 @@ class FaceDecoder(nn.Module):
         return image.view(1, 3, MOUTH_H, MOUTH_W)
 
     def _eyes(self, motion: Tensor, origin: Tensor, main_shift: Tensor, photo_rgbm: Tensor, eye_frame: Tensor,
-              eye_lids: Tensor, src_origin: Tensor, eye_ball: Tensor, eye_iris: Tensor) -> tuple[Tensor, Tensor]:
+              eye_lids: Tensor, src_origin: Tensor, eye_ball: Tensor, eye_iris: Tensor,
+              sparse: bool) -> tuple[Tensor, Tensor]:
         """The two eye windows (2, 3, EYE_H, EYE_W) and their blend weights (2, 1, EYE_H, EYE_W).
+        sparse (eager CPU): the lid skin sampled only where it shows, the eyeball only in the opening.
 
         Works in the photo's coordinates (through the main map), per eye along its own axis: the
         lid skin is stretched over the eyeball as the lids close; where the opening remains, the
@@ -682,16 +685,46 @@ class FaceDecoder(nn.Module):
 
         gaze = gaze_u[..., None] * axis + gaze_v[..., None] * normal  # (2, 1, 1, 2)
         both = (1, 2 * EYE_H, EYE_W, 2)  # the two eyes' pixels side by side for one sampling call
-        skin = F.grid_sample(photo_rgbm, ((skin_at + 0.5) * self.inv_frame - 1.0).reshape(both), mode="bilinear",
-                             padding_mode="border", align_corners=False)[:, 0:3]
-        ball = F.grid_sample(eye_ball, ((s - src_origin + 0.5) * self.inv_eyes_src - 1.0).reshape(both),
-                             mode="bilinear", padding_mode="border", align_corners=False)
-        iris = F.grid_sample(eye_iris, ((s - gaze - src_origin + 0.5) * self.inv_eyes_src - 1.0).reshape(both),
-                             mode="bilinear", padding_mode="border", align_corners=False)
+        skin_grid = ((skin_at + 0.5) * self.inv_frame - 1.0).reshape(both)
+        ball_grid = ((s - src_origin + 0.5) * self.inv_eyes_src - 1.0).reshape(both)
+        iris_grid = ((s - gaze - src_origin + 0.5) * self.inv_eyes_src - 1.0).reshape(both)
         # the iris's edge is a step while the eye is still (the photo exactly) and softens over a
         # pixel once the gaze has moved it
         travel = gaze.abs().amax(-1).clamp(1e-3, 1.0)  # (2, 1, 1) px, capped
         sharp = (1.0 / travel).view(2, 1, 1).expand(2, EYE_H, EYE_W).reshape(1, 1, 2 * EYE_H, EYE_W)
+        opening = opening.reshape(1, 1, 2 * EYE_H, EYE_W)
+        if sparse:
+            out = self._eyes_where_seen(photo_rgbm, eye_ball, eye_iris, skin_grid, ball_grid, iris_grid, sharp,
+                                        opening, weight)
+            return out.view(3, 2, EYE_H, EYE_W).transpose(0, 1), weight.view(2, 1, EYE_H, EYE_W)
+        skin = F.grid_sample(photo_rgbm, skin_grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0:3]
+        ball = F.grid_sample(eye_ball, ball_grid, mode="bilinear", padding_mode="border", align_corners=False)
+        iris = F.grid_sample(eye_iris, iris_grid, mode="bilinear", padding_mode="border", align_corners=False)
         eyeball = torch.lerp(ball, iris[:, 0:3], (0.5 + iris[:, 3:4] * sharp).clamp(0.0, 1.0))
-        out = torch.lerp(skin, eyeball, opening.reshape(1, 1, 2 * EYE_H, EYE_W))  # (1, 3, 2H, W)
+        out = torch.lerp(skin, eyeball, opening)  # (1, 3, 2H, W)
         return out.view(3, 2, EYE_H, EYE_W).transpose(0, 1), weight.view(2, 1, EYE_H, EYE_W)
+
+    @staticmethod
+    def _eyes_where_seen(photo_rgbm: Tensor, eye_ball: Tensor, eye_iris: Tensor, skin_grid: Tensor,
+                         ball_grid: Tensor, iris_grid: Tensor, sharp: Tensor, opening: Tensor,
+                         weight: Tensor) -> Tensor:
+        """_eyes' output (3, 2 * EYE_H * EYE_W) as its traced branch makes it where the weight is
+        not zero: the lid skin sampled only where the opening does not cover it, the eyeball only
+        in the opening. Eager CPU only; the same pixels, op for op. Grids (1, 2 * EYE_H, EYE_W, 2);
+        sharp, opening (1, 1, 2 * EYE_H, EYE_W); weight (2, EYE_H, EYE_W)."""
+        n_px = 2 * EYE_H * EYE_W
+        opening = opening.view(n_px)
+        sample = lambda image, grid, at: F.grid_sample(  # noqa: E731
+            image, grid.view(n_px, 2).index_select(0, at).view(1, 1, -1, 2), mode="bilinear",
+            padding_mode="border", align_corners=False)[0, :, 0]
+        skin = opening.new_zeros(3, n_px)  # where the opening covers it, any finite value
+        at = _padded(torch.nonzero((weight.view(n_px) > 0.0) & (opening < 1.0)).view(-1))
+        if at.numel():
+            skin.index_copy_(1, at, sample(photo_rgbm, skin_grid, at)[0:3])
+        eyeball = opening.new_zeros(3, n_px)
+        at = _padded(torch.nonzero(opening > 0.0).view(-1))
+        if at.numel():
+            iris = sample(eye_iris, iris_grid, at)
+            eyeball.index_copy_(1, at, torch.lerp(sample(eye_ball, ball_grid, at), iris[0:3],
+                                                  (0.5 + iris[3:4] * sharp.view(1, n_px)[:, at]).clamp(0.0, 1.0)))
+        return torch.lerp(skin, eyeball, opening.view(1, n_px))
