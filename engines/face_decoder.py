@@ -272,6 +272,19 @@ def _upsample_mm(coarse: Tensor, rows: Tensor, cols_t: Tensor) -> Tensor:
     return rows @ (coarse.permute(0, 3, 1, 2) @ cols_t)
 
 
+def _tiled(image: Tensor) -> Tensor:
+    """(C, WIN, WIN) -> (C, GRID^2, STEP^2): the head window tile by tile, each tile's pixels row by
+    row (a copy)."""
+    c = image.shape[0]
+    return image.reshape(c, GRID, STEP, GRID, STEP).permute(0, 1, 3, 2, 4).reshape(c, GRID * GRID, STEP * STEP)
+
+
+def _untiled(tiles: Tensor) -> Tensor:
+    """_tiled's inverse: (C, GRID^2, STEP^2) -> (C, WIN, WIN)."""
+    c = tiles.shape[0]
+    return tiles.view(c, GRID, GRID, STEP, STEP).permute(0, 1, 3, 2, 4).reshape(c, WIN, WIN)
+
+
 def _padded(index: Tensor, multiple: int = 64) -> Tensor:
     """index (n,) with its last entry repeated up to a multiple of `multiple`: element-wise kernels
     then run no scalar tail loop (whose rounding may differ from the vector body's), so sparse
@@ -327,12 +340,10 @@ class FaceDecoder(nn.Module):
         d = torch.minimum(torch.minimum(mn[..., 0], MOUTH_W - 1 - mn[..., 0]),
                           torch.minimum(mn[..., 1], MOUTH_H - 1 - mn[..., 1]))
         buf("mouth_edge", _smoothstep(d / 20.0).reshape(1, 1, -1, 1))
-        # the head window's pixels tile by tile (tile (i, j): STEP x STEP pixels from (STEP*j, STEP*i)),
-        # as indices into the window, and each tile's top-left pixel (x, y)
+        # the top-left pixel (x, y) of each head-window tile (tile (i, j): the STEP x STEP pixels
+        # from (STEP * j, STEP * i)), (2, GRID, GRID)
         ty, tx = torch.meshgrid(torch.arange(GRID), torch.arange(GRID), indexing="ij")
-        py, px = torch.meshgrid(torch.arange(STEP), torch.arange(STEP), indexing="ij")
-        buf("tile_pixels", (((ty * STEP).reshape(-1, 1, 1) + py) * WIN + (tx * STEP).reshape(-1, 1, 1) + px).reshape(GRID * GRID, -1))
-        buf("tile_corner", torch.stack([tx, ty]).float() * STEP)  # (2, GRID, GRID)
+        buf("tile_corner", torch.stack([tx, ty]).float() * STEP)
         for name, (w, h) in (("mouth", (MOUTH_W, MOUTH_H)), ("eye", (EYE_W, EYE_H))):
             iy, ix = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
             buf(f"{name}_index", (iy * WIN + ix).reshape(1, -1).expand(3, -1).contiguous())
@@ -389,10 +400,10 @@ class FaceDecoder(nn.Module):
         return F.pad(inside.cumsum(0).cumsum(1), (1, 0, 1, 0)).to(torch.int32)
 
     @staticmethod
-    def _photo_window(photo_rgbm: Tensor, window_origin: Tensor) -> Tensor:
-        """(3, N_WIN) the photo's RGB under the head window."""
+    def _photo_tiles(photo_rgbm: Tensor, window_origin: Tensor) -> Tensor:
+        """(3, GRID^2, STEP^2) the photo's RGB under the head window, tile by tile."""
         x0, y0 = (int(v) for v in window_origin.tolist())
-        return photo_rgbm[0, 0:3, y0:y0 + WIN, x0:x0 + WIN].reshape(3, N_WIN)
+        return _tiled(photo_rgbm[0, 0:3, y0:y0 + WIN, x0:x0 + WIN])
 
     def __getstate__(self):  # copies and pickles carry no threads
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
@@ -526,25 +537,26 @@ class FaceDecoder(nn.Module):
         last = ((corner + (STEP - 1) + high + 0.01).floor() + 1.0).clamp(0, FRAME_SIZE - 1).to(torch.int64) + 1
         area = self._cached("person_area", self._person_area, photo_rgbm)
         (x0, y0), (x1, y1) = first, last
-        person = area[y1, x1] - area[y0, x1] - area[y1, x0] + area[y0, x0]  # (GRID, GRID) mask pixels read
+        row = FRAME_SIZE + 1
+        corners = area.view(-1)[torch.stack([y1 * row + x1, y0 * row + x1, y1 * row + x0, y0 * row + x0])]
+        person = corners[0] - corners[1] - corners[2] + corners[3]  # (GRID, GRID) mask pixels the taps read
         shows_room = (settled & (person == 0)).view(-1)
         tiles = torch.nonzero(~(shows_room | still)).view(-1)
-        background = window_background.view(3, N_WIN)
-        window = background.clone()
-        if still.any():
-            pixels = self.tile_pixels[still].view(-1)
-            photo = self._cached("photo_window", self._photo_window, photo_rgbm, window_origin)
-            window.index_copy_(1, pixels, photo.index_select(1, pixels))
-        if tiles.numel() == 0:
-            return window
-        pixels = self.tile_pixels.index_select(0, tiles).view(-1)  # a multiple of STEP^2: no scalar tails
-        grid = grid_cf.view(2, N_WIN).index_select(1, pixels).t().view(1, 1, -1, 2)
-        sampled = F.grid_sample(photo_rgbm, grid, mode="bilinear", padding_mode="border",
-                                align_corners=False)  # (1, 4, 1, n)
-        alpha = (sampled[:, 3:4] - 1.0).mul_(moved_dense.view(-1).index_select(0, pixels)).add_(1.0)
-        window.index_copy_(1, pixels, torch.lerp(background.index_select(1, pixels), sampled[0, 0:3, 0],
-                                                 alpha.view(1, -1)))
-        return window
+        # the work runs tile by tile (each tile's STEP^2 pixels contiguous: gathers copy whole
+        # tiles, and every element-wise op sees a multiple of STEP^2, so no scalar tail loops)
+        background = self._cached("background_tiles", lambda b: _tiled(b.view(3, WIN, WIN)), window_background)
+        window = background.clone()  # (3, GRID^2, STEP^2)
+        still = torch.nonzero(still).view(-1)
+        if still.numel():
+            photo = self._cached("photo_tiles", self._photo_tiles, photo_rgbm, window_origin)
+            window.index_copy_(1, still, photo.index_select(1, still))
+        if tiles.numel():
+            grid = _tiled(grid_cf).index_select(1, tiles).permute(1, 2, 0).unsqueeze(0)  # (1, k, STEP^2, 2)
+            sampled = F.grid_sample(photo_rgbm, grid, mode="bilinear", padding_mode="border",
+                                    align_corners=False)  # (1, 4, k, STEP^2)
+            alpha = (sampled[:, 3:4] - 1.0).mul_(_tiled(moved_dense[None]).index_select(1, tiles)).add_(1.0)
+            window.index_copy_(1, tiles, torch.lerp(background.index_select(1, tiles), sampled[0, 0:3], alpha[0]))
+        return _untiled(window).view(3, N_WIN)
 
     def _mouth(self, anchor_src: Tensor, anchors: Tensor, origin: Tensor, main_shift: Tensor, lips: Tensor,
                src_origin: Tensor, layers: Tensor, blend: Tensor, cavity_rgb: Tensor,
