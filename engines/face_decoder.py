@@ -272,6 +272,11 @@ def _upsample_mm(coarse: Tensor, rows: Tensor, cols_t: Tensor) -> Tensor:
     return rows @ (coarse.permute(0, 3, 1, 2) @ cols_t)
 
 
+def _channels_last(image: Tensor) -> Tensor:
+    """The same (N, C, H, W) values stored channel by channel per pixel (a copy)."""
+    return image.contiguous(memory_format=torch.channels_last)
+
+
 def _tiled(image: Tensor) -> Tensor:
     """(C, WIN, WIN) -> (C, GRID^2, STEP^2): the head window tile by tile, each tile's pixels row by
     row (a copy)."""
@@ -379,8 +384,8 @@ class FaceDecoder(nn.Module):
 
     def _cached(self, name: str, make, *tensors: Tensor) -> Tensor:
         """make(*tensors), made once per rig (eager CPU only) and kept while these very tensors are
-        unchanged (their in-place version counters included)."""
-        key = tuple((id(t), t._version) for t in tensors)
+        unchanged (their in-place version counters included; inference tensors have none)."""
+        key = tuple((id(t), None if t.is_inference() else t._version) for t in tensors)
         entry = self._per_rig.get(name)
         if entry is None or entry[0] != key or any(ref() is not t for ref, t in zip(entry[1], tensors)):
             entry = self._per_rig[name] = (key, tuple(weakref.ref(t) for t in tensors), make(*tensors))
@@ -444,6 +449,11 @@ class FaceDecoder(nn.Module):
             main_shift, [self.n_win, self.n_mouth, 2 * self.n_eye], dim=2)
 
         sliced = motion.device.type == "cpu" and not _tracing()  # host reads are free: see the module's docstring
+        if sliced:  # the sampled images channels-last, made once per rig: a bilinear tap's four channels
+            # then share a cache line (measured: the head window's sampling 4.4-6.1 -> 2.0-3.5 ms)
+            photo_rgbm, mouth_layers, eye_ball, eye_iris = (
+                self._cached(name, _channels_last, image) for name, image in (
+                    ("photo_cl", photo_rgbm), ("mouth_cl", mouth_layers), ("ball_cl", eye_ball), ("iris_cl", eye_iris)))
         mouth_args = (anchor_src, anchors, mouth_origin, mouth_shift, lips, mouth_src_origin, mouth_layers,
                       mouth_blend, cavity_rgb, sliced)
         eye_args = (motion, eye_origin, eye_shift, photo_rgbm, eye_frame, eye_lids, eye_src_origin, eye_ball, eye_iris,
