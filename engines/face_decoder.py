@@ -8,8 +8,8 @@ The rig inputs follow RIG_INPUTS below (name, shape, dtype, in order); `avatar/r
 once per portrait. Shapes are fixed and never depend on the portrait, so one exported graph serves
 every portrait. Pure: no I/O, no randomness. Traced, exported or on a GPU there is no data-dependent
 control flow; eager on the CPU (where a host read costs nothing) the decoder skips the work it can
-prove invisible (head-window tiles that can show only the background, mouth layers covered by the
-lips) and gives the very same pixels.
+prove invisible (head-window tiles that can show only the background or have not moved, teeth
+covered by the lips, eyeballs outside the eye opening) and gives the very same pixels.
 
 How a frame is made:
 1. Control points (face landmarks, a ring of hair/skull points, anchors on the still body) move:
@@ -448,17 +448,17 @@ class FaceDecoder(nn.Module):
         win_shift, mouth_shift, eye_shift = torch.split(
             main_shift, [self.n_win, self.n_mouth, 2 * self.n_eye], dim=2)
 
-        sliced = motion.device.type == "cpu" and not _tracing()  # host reads are free: see the module's docstring
-        if sliced:  # the sampled images channels-last, made once per rig: a bilinear tap's four channels
+        eager_cpu = motion.device.type == "cpu" and not _tracing()  # host reads are free: see the module's docstring
+        if eager_cpu:  # the sampled images channels-last, made once per rig: a bilinear tap's four channels
             # then share a cache line (measured: the head window's sampling 4.4-6.1 -> 2.0-3.5 ms)
             photo_rgbm, mouth_layers, eye_ball, eye_iris = (
                 self._cached(name, _channels_last, image) for name, image in (
                     ("photo_cl", photo_rgbm), ("mouth_cl", mouth_layers), ("ball_cl", eye_ball), ("iris_cl", eye_iris)))
         mouth_args = (anchor_src, anchors, mouth_origin, mouth_shift, lips, mouth_src_origin, mouth_layers,
-                      mouth_blend, cavity_rgb, sliced)
+                      mouth_blend, cavity_rgb, eager_cpu)
         eye_args = (motion, eye_origin, eye_shift, photo_rgbm, eye_frame, eye_lids, eye_src_origin, eye_ball, eye_iris,
-                    sliced)
-        pool = self._pool if self._pool is not None and sliced else None
+                    eager_cpu)
+        pool = self._pool if self._pool is not None and eager_cpu else None
         if pool is not None:  # the mouth and the eyes on another core while this thread does the head window
             inference = torch.is_inference_mode_enabled()
             mouth_job = pool.submit(_in_mode, inference, self._mouth, *mouth_args)
@@ -476,7 +476,7 @@ class FaceDecoder(nn.Module):
         cols_xy = torch.cat([cols[0:2], torch.stack([centres[0], torch.ones_like(centres[0])]).unsqueeze(1)], dim=1)
         grid_cf = torch.bmm(rows_xy, cols_xy)  # (2, WIN, WIN): channel-first storage, cheap adds
         moved_dense = (self.win_up_rows @ cols[2]).clamp_(max=1.0)  # (WIN, WIN)
-        if sliced:
+        if eager_cpu:
             window = self._head_window(grid_cf, moved_dense, win_shift, moved, window_origin, photo_rgbm,
                                        window_background)
         else:
@@ -500,7 +500,7 @@ class FaceDecoder(nn.Module):
         for (image, weight), origin, index in ((mouth, mouth_origin, self.mouth_index),
                                                ((eyes[0], eye_weight[0]), eye_origin[0], self.eye_index),
                                                ((eyes[1], eye_weight[1]), eye_origin[1], self.eye_index)):
-            if sliced:
+            if eager_cpu:
                 h, w = image.shape[-2:]
                 ox, oy = (int(v) for v in (origin - window_origin).tolist())
                 under = window.view(3, WIN, WIN)[:, oy:oy + h, ox:ox + w]
@@ -515,7 +515,7 @@ class FaceDecoder(nn.Module):
         # (N_WIN, 3): interleaving the uint8 rows by stack is ~2x cheaper on CPUs than the copy of a
         # transposed view (which cat would make)
         window_u8 = torch.stack(window.round().to(torch.uint8).unbind(0), dim=1)
-        if sliced:
+        if eager_cpu:
             x0, y0 = (int(v) for v in window_origin.tolist())
             frame = self._cached("still", self._still_frame, photo_u8, frame_source).clone()
             frame[y0:y0 + WIN, x0:x0 + WIN] = window_u8.view(WIN, WIN, 3)
