@@ -299,6 +299,28 @@ def _padded(index: Tensor, multiple: int = 64) -> Tensor:
     return torch.cat([index, index[-1:].expand(short)]) if n and short else index
 
 
+def _mouth_inside(cavity_rgb: Tensor, teeth_up: Tensor, teeth_low: Tensor) -> Tensor:
+    """Inside the mouth, back to front: the shaded cavity, the lower teeth, the upper teeth
+    (premultiplied "over"). Layers channel-first (5, ...) as in RIG_INPUTS' mouth_layers; cavity_rgb
+    (3, 1, ...) broadcasting over them. -> (3, ...)"""
+    out = cavity_rgb * teeth_up[4:5]
+    out = teeth_low[:3] + (1.0 - teeth_low[3:4]) * out
+    return teeth_up[:3] + (1.0 - teeth_up[3:4]) * out
+
+
+def _lip_cover(distance: Tensor, sharpness: Tensor) -> Tensor:
+    """How opaque a lip is per px, 0..1, from its signed distance to the inner lip line (+ toward
+    the lip) and the sharpness of its edge (1 / px)."""
+    return (1.0 + distance * sharpness).clamp(0.0, 1.0)
+
+
+def _lips_over(inside: Tensor, lip_low: Tensor, lip_up: Tensor, cover_low: Tensor, cover_up: Tensor) -> Tensor:
+    """Each lip over the mouth's inside: opaque on its side of the cut, fading (once it moves) into
+    the mouth. inside (3, ...), lips channel-first (>= 3, ...), covers (...). -> (3, ...)"""
+    out = torch.lerp(inside, lip_low[:3], cover_low)
+    return torch.lerp(out, lip_up[:3], cover_up)
+
+
 def _smoothstep(t: Tensor) -> Tensor:
     t = t.clamp(0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
@@ -556,10 +578,10 @@ class FaceDecoder(nn.Module):
         # tiles, and every element-wise op sees a multiple of STEP^2, so no scalar tail loops)
         background = self._cached("background_tiles", lambda b: _tiled(b.view(3, WIN, WIN)), window_background)
         window = background.clone()  # (3, GRID^2, STEP^2)
-        still = torch.nonzero(still).view(-1)
-        if still.numel():
+        unmoved = torch.nonzero(still).view(-1)
+        if unmoved.numel():
             photo = self._cached("photo_tiles", self._photo_tiles, photo_rgbm, window_origin)
-            window.index_copy_(1, still, photo.index_select(1, still))
+            window.index_copy_(1, unmoved, photo.index_select(1, unmoved))
         if tiles.numel():
             grid = _tiled(grid_cf).index_select(1, tiles).permute(1, 2, 0).unsqueeze(0)  # (1, k, STEP^2, 2)
             sampled = F.grid_sample(photo_rgbm, grid, mode="bilinear", padding_mode="border",
@@ -597,19 +619,16 @@ class FaceDecoder(nn.Module):
             return self._mouth_where_seen(dense, base, weight, layers, cavity_rgb), weight
         grid = dense[:, 0:2].permute(0, 2, 3, 1) + base
         s = F.grid_sample(layers, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        lip_up, lip_low, teeth_up, teeth_low = s[0:1], s[1:2], s[2:3], s[3:4]  # (1, 5, H, W) each
-        # (2, 1, H, W) per px of signed distance; at rest the edge is a step (1e-4 px wide)
-        sharpness = (1.0 / LIP_FEATHER_PX) / dense[0:2, 2:3].clamp(min=1e-4)
-        out = cavity_rgb.view(1, 3, 1, 1) * teeth_up[:, 4:5]
-        out = teeth_low[:, :3] + (1.0 - teeth_low[:, 3:4]) * out  # premultiplied "over"
-        out = teeth_up[:, :3] + (1.0 - teeth_up[:, 3:4]) * out
-        # each lip is opaque on its side of the cut and fades (once it moves) into the mouth
-        out = torch.lerp(out, lip_low[:, :3], (1.0 + lip_low[:, 3:4] * sharpness[1:2]).clamp(0.0, 1.0))
-        out = torch.lerp(out, lip_up[:, :3], (1.0 + lip_up[:, 3:4] * sharpness[0:1]).clamp(0.0, 1.0))
-        return out, weight
+        lip_up, lip_low, teeth_up, teeth_low = s.unbind(0)  # (5, H, W) each
+        # (2, H, W) per px of signed distance; at rest the edge is a step (1e-4 px wide)
+        sharpness = (1.0 / LIP_FEATHER_PX) / dense[0:2, 2].clamp(min=1e-4)
+        inside = _mouth_inside(cavity_rgb.view(3, 1, 1), teeth_up, teeth_low)
+        out = _lips_over(inside, lip_low, lip_up, _lip_cover(lip_low[3], sharpness[1]),
+                         _lip_cover(lip_up[3], sharpness[0]))
+        return out.unsqueeze(0), weight
 
-    def _mouth_where_seen(self, dense: Tensor, base: Tensor, weight: Tensor, layers: Tensor,
-                          cavity_rgb: Tensor) -> Tensor:
+    @staticmethod
+    def _mouth_where_seen(dense: Tensor, base: Tensor, weight: Tensor, layers: Tensor, cavity_rgb: Tensor) -> Tensor:
         """The mouth window (1, 3, MOUTH_H, MOUTH_W) as _mouth's traced branch makes it, where its
         weight is not zero (zero elsewhere: not pasted there): the lips sampled only there, the
         teeth and the cavity only where neither lip covers them (measured: ~6 % of the window).
@@ -625,21 +644,14 @@ class FaceDecoder(nn.Module):
         lips = F.grid_sample(layers[0:2, 0:4], grid[0:2].unsqueeze(1), mode="bilinear", padding_mode="border",
                              align_corners=False)[:, :, 0]  # (2, 4, n): RGB, signed distance
         sharpness = (1.0 / LIP_FEATHER_PX) / at[0:2, 2].clamp(min=1e-4)  # (2, n)
-        cover_low = (1.0 + lips[1, 3] * sharpness[1]).clamp(0.0, 1.0)
-        cover_up = (1.0 + lips[0, 3] * sharpness[0]).clamp(0.0, 1.0)
+        cover_low, cover_up = _lip_cover(lips[1, 3], sharpness[1]), _lip_cover(lips[0, 3], sharpness[0])
         inside = image.new_zeros(3, seen.numel())  # under a lip that covers it, any finite value
         shows = _padded(torch.nonzero((cover_low < 1.0) & (cover_up < 1.0)).view(-1))
         if shows.numel():
             teeth = F.grid_sample(layers[2:4], grid[2:4].index_select(1, shows).unsqueeze(1), mode="bilinear",
                                   padding_mode="border", align_corners=False)[:, :, 0]  # (2, 5, m)
-            teeth_up, teeth_low = teeth[0], teeth[1]
-            out = cavity_rgb.view(3, 1) * teeth_up[4:5]
-            out = teeth_low[:3] + (1.0 - teeth_low[3:4]) * out  # premultiplied "over"
-            out = teeth_up[:3] + (1.0 - teeth_up[3:4]) * out
-            inside.index_copy_(1, shows, out)
-        out = torch.lerp(inside, lips[1, :3], cover_low)
-        out = torch.lerp(out, lips[0, :3], cover_up)
-        image.index_copy_(1, seen, out)
+            inside.index_copy_(1, shows, _mouth_inside(cavity_rgb.view(3, 1), teeth[0], teeth[1]))
+        image.index_copy_(1, seen, _lips_over(inside, lips[1], lips[0], cover_low, cover_up))
         return image.view(1, 3, MOUTH_H, MOUTH_W)
 
     def _eyes(self, motion: Tensor, origin: Tensor, main_shift: Tensor, photo_rgbm: Tensor, eye_frame: Tensor,
