@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -111,6 +113,65 @@ class PipelineTicker:
     def reset(self) -> None:
         self.pipeline.reset()
 
+    def stream(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Every frame of a whole stream, in order: `blocks` (each (SAMPLES_PER_FRAME,) float32)
+        then silence through the look-ahead. The same frames as tick() block by block, but the
+        audio encoder and motion generator run (with the reading of `blocks`) on a thread of their
+        own, up to MOTION_AHEAD ticks ahead of the decoder: their ~3 ms a frame and the audio
+        decoding leave the decoder's thread, the one that bounds an offline render."""
+        pipeline = self.pipeline
+        silence = np.zeros(SAMPLES_PER_FRAME, dtype=np.float32)
+
+        def motions() -> Iterator[torch.Tensor]:
+            for samples in blocks:
+                yield pipeline.motion_step(samples)
+            for _ in range(self.lookahead_frames):
+                yield pipeline.motion_step(silence)
+
+        for i, motion in enumerate(run_ahead(motions(), depth=MOTION_AHEAD)):
+            if i >= self.lookahead_frames:
+                yield pipeline.render(motion)
+
+
+MOTION_AHEAD = 4  # motion vectors in flight between the engines' thread and the decoder's (bounded)
+
+
+def run_ahead(items: Iterator, *, depth: int) -> Iterator:
+    """Yields what `items` yields, in order, with `items` advanced on a thread of its own up to
+    `depth` items ahead of the caller. An exception there is raised here, at its place in the
+    order; closing this generator early (break, an error downstream) stops the thread."""
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                handoff.put((item, None))
+                if stop.is_set():
+                    return
+            handoff.put((done, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            handoff.put((done, exc))
+
+    thread = threading.Thread(target=produce, name="run-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = handoff.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # a producer blocked on a full queue takes one more turn, then stops
+            try:
+                handoff.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
 
 class FrameTicker:
     """The same `tick` over an engines.runtime FrameEngine (state kept by the back-end, e.g. on the
@@ -136,6 +197,16 @@ class FrameTicker:
         self.ticks += 1
         render = render and self.ticks > self.lookahead_frames
         return self.frames.step(samples, self.controls, noise, render=render)
+
+    def stream(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Every frame of a whole stream, as PipelineTicker.stream; tick by tick here, since the
+        back-end already overlaps its stages on the device."""
+        silence = np.zeros(SAMPLES_PER_FRAME, dtype=np.float32)
+        for samples in blocks:
+            if (frame := self.tick(samples, render=True)) is not None:
+                yield frame
+        for _ in range(self.lookahead_frames):
+            yield self.tick(silence, render=True)
 
 
 def make_ticker(backend, engines: Engines, rig_inputs: tuple[torch.Tensor, ...], controls: torch.Tensor,

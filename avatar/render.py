@@ -2,7 +2,9 @@
 
 The same `Pipeline` as live, fed from a file as fast as it goes. Memory is constant in audio
 length: audio is decoded block by block and every frame is encoded as soon as it exists.
-Encoding runs on a writer thread so x264 (which releases the GIL) overlaps the engines.
+Three threads overlap: audio decoding with the audio encoder and motion generator a few ticks
+ahead (the ticker's `stream`), the face decoder, and encoding on a writer thread (x264 releases
+the GIL).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 import avatar
@@ -69,7 +70,6 @@ def render_file(*, portrait: Path, audio: Path, output: Path, controls: Controls
     backend = create_backend(runtime, engines=engines)
     log.info("render: engines on %s", backend.describe())
     ticker = make_ticker(backend, engines, rig.inputs(), controls_tensor(controls), seed=controls.seed)
-    silence = np.zeros(SAMPLES_PER_FRAME, dtype=np.float32)
 
     with open_audio(audio) as source, VideoWriter(output, audio_path=audio,
                                                   metadata=provenance(controls, audio_model)) as writer:
@@ -77,13 +77,8 @@ def render_file(*, portrait: Path, audio: Path, output: Path, controls: Controls
         bar = tqdm(total=total, unit="frame", desc="rendering", disable=not progress, leave=False)
         frames = _FrameWriter(writer, FrameMarker(badge=badge))
         try:
-            for block in source.blocks(SAMPLES_PER_FRAME):
-                frame = ticker.tick(block, render=True)
-                if frame is not None:
-                    frames.put(frame)
-                    bar.update()
-            for _ in range(ticker.lookahead_frames):  # the frames still owed: silence through the look-ahead
-                frames.put(ticker.tick(silence, render=True))
+            for frame in ticker.stream(source.blocks(SAMPLES_PER_FRAME)):  # look-ahead flushed at the end
+                frames.put(frame)
                 bar.update()
         finally:
             frames.close()

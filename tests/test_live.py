@@ -246,6 +246,70 @@ def test_frame_engine_ticker_matches_the_pipeline():
             assert fa[0, 1, 0] > 0  # the noise reached the frame
 
 
+def test_stream_gives_the_tick_frames_with_the_engines_a_thread_ahead():
+    """Offline render's ticker.stream: the frames tick() and the flush give, in order, with the
+    audio encoder (and generator) on the run-ahead thread and the decoder on the caller's."""
+    from avatar.controls import N_CONTROLS
+    from avatar.live import FrameTicker, PipelineTicker
+    from engines.runtime import FrameEngine
+
+    threads = {"encoder": set(), "decoder": set()}
+
+    class Encoder(MarkEncoder):
+        def forward(self, samples, prev):
+            threads["encoder"].add(threading.current_thread().name)
+            return super().forward(samples, prev)
+
+    class Decoder(MarkDecoder):
+        def forward(self, motion, image):
+            threads["decoder"].add(threading.current_thread().name)
+            return super().forward(motion, image)
+
+    controls = torch.zeros(1, N_CONTROLS)
+    image = (torch.arange(512 * 512 * 3) % 251).to(torch.uint8).reshape(1, 512, 512, 3)
+    audio = sawtooth(0.5)
+    blocks = list(audio.reshape(-1, SAMPLES_PER_FRAME))
+    ticked = PipelineTicker(Pipeline(Engines(MarkEncoder(), MarkGenerator(), MarkDecoder()), (image,), controls))
+    expected = [f for b in blocks if (f := ticked.tick(b, render=True)) is not None]
+    expected += [ticked.tick(np.zeros(SAMPLES_PER_FRAME, np.float32), render=True)]
+    assert len(expected) == len(blocks)
+
+    streamed = PipelineTicker(Pipeline(Engines(Encoder(), MarkGenerator(), Decoder()), (image,), controls))
+    got = list(streamed.stream(iter(blocks)))
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+    assert threads["encoder"] == {"run-ahead"} and threads["decoder"] == {threading.current_thread().name}
+    framed = FrameTicker(FrameEngine(Engines(MarkEncoder(), MarkGenerator(), MarkDecoder()), (image,)), controls)
+    for a, b in zip(framed.stream(iter(blocks)), expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_run_ahead_raises_in_order_and_stops_when_the_caller_does():
+    from avatar.pipeline import run_ahead
+
+    def items(fail_at=None):
+        for i in range(100):
+            if i == fail_at:
+                raise ValueError("bad block")
+            made.append(i)
+            yield i
+
+    made = []
+    got = []
+    with pytest.raises(ValueError, match="bad block"):
+        for x in run_ahead(items(fail_at=5), depth=2):
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]
+
+    made.clear()
+    stream = run_ahead(items(), depth=3)
+    assert [next(stream), next(stream)] == [0, 1]
+    stream.close()  # what a break or an error downstream does
+    assert not any(t.name == "run-ahead" and t.is_alive() for t in threading.enumerate())
+    assert len(made) <= 2 + 3 + 2  # it stopped: at most the queue's depth and one more turn ahead
+
+
 # ---- voice activity gate ---------------------------------------------------------------------------
 
 def test_gate_silences_the_encoder_while_idle():
