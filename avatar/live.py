@@ -1,17 +1,21 @@
 """The live daemon: the microphone drives the "VASA Avatar" virtual camera in real time.
 
-    mic callback ─► ring ─► [render thread] read_blocks ─► gate ─► encoder + generator (every block)
-                                              └► delayed mic          └► decoder (newest block only)
+    mic callback ─► ring ─► [motion thread] read_blocks ─► gate ─► encoder + generator (every block)
+                                              └► delayed mic          │ newest motion
+                                                         [render thread] decoder + marks
                                                                                │ latest-frame mailbox
     [pacing thread, the caller's] every 25 ms on a monotonic deadline ◄────────┘ ─► camera, preview
 
 - Same `Pipeline` as offline on the CPU (on CUDA the runtime's FrameEngine, which keeps the state on
-  the GPU; same engines, same noise). The render thread is paced by audio arrival: each block goes
+  the GPU; same engines, same noise). The motion thread is paced by audio arrival: each block goes
   through the encoder and generator (so blink timers, breathing and the encoder's history see every
-  25 ms of time), but only the newest block's motion is rendered. When rendering is slower than
-  25 ms the render thread therefore renders every 2nd or 3rd block, and when it is far behind the
-  microphone drops the oldest audio (at most MAX_CATCHUP_BLOCKS are processed per cycle): latency is
-  bounded by one render plus one motion catch-up, never accumulated.
+  25 ms of time), and the render thread decodes the newest motion whenever it is free. When
+  rendering is slower than 25 ms it therefore renders every 2nd or 3rd block; the motion steps
+  (~3 ms) no longer wait behind it, nor it behind them. When the motion thread itself falls far
+  behind, the microphone drops the oldest audio (at most MAX_CATCHUP_BLOCKS are processed per
+  cycle): latency is bounded by one render plus one motion catch-up, never accumulated. On CUDA
+  one render thread runs the frame engine's fused step (motion for every block, a frame for the
+  newest), as the device already overlaps the stages.
 - The pacing thread hands exactly one frame per 25 ms tick to the sinks, against deadlines
   t0 + k * 25 ms (it sleeps until each). A tick with no new frame re-sends the last one (counted as
   repeated); a rendered frame replaced before a tick took it is counted as stale; a tick missed by
@@ -148,6 +152,26 @@ class _Mailbox:
             return item
 
 
+class _Latest:
+    """The newest motion vector for the render thread: put() replaces, take() waits for a new one."""
+
+    def __init__(self):
+        self._ready = threading.Condition()
+        self._item = None
+
+    def put(self, item) -> None:
+        with self._ready:
+            self._item = item
+            self._ready.notify()
+
+    def take(self, timeout: float):
+        with self._ready:
+            if self._item is None:
+                self._ready.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+
 class _Records:
     """Per-tick records for benchmarks: preallocated, so a long run's memory is fixed up front."""
 
@@ -224,6 +248,7 @@ class LiveDaemon:
         self.marker = marker or (lambda frame: frame)
         self._idle_frame = None if idle_frame is None else self.marker(np.ascontiguousarray(idle_frame).copy())
         self._mailbox = _Mailbox()
+        self._motions = _Latest()  # CPU: the motion thread's newest motion, for the decode thread
         self._stop = threading.Event()
         self._once = _Once()
         self._gain = 1.0
@@ -268,6 +293,49 @@ class LiveDaemon:
                 if self._once.clear("render"):
                     log.warning("rendering works again")
             except Exception:  # a bug, not a device problem: say it once, keep the camera fed
+                stats.render_errors += 1
+                self._once.warn("render", "rendering failed; the last frame stays on the camera", exc_info=True)
+                self._stop.wait(0.1)
+
+    def _motion_loop(self) -> None:
+        """The CPU pipeline's first half: the encoder and generator for every block as it arrives;
+        the newest motion (with its block's times) goes to the decode loop. Apart, the decoder's
+        ~20 ms are no longer queued behind the motion steps of a catch-up."""
+        ticker, stats = self.pipeline, self.stats
+        pipeline = ticker.pipeline
+        _lower_priority(RENDER_NICE)
+        while not self._stop.is_set():
+            try:
+                blocks = self.mic.read_blocks(max_blocks=MAX_CATCHUP_BLOCKS, timeout=0.1)
+                if not blocks:
+                    continue
+                for block in blocks:
+                    motion = pipeline.motion_step(self._gated(block))
+                stats.motion_steps += len(blocks)
+                stats.speaking = blocks[-1].speaking
+                if pipeline.ticks > ticker.lookahead_frames:  # else the look-ahead is still filling
+                    self._motions.put((motion, blocks[-1]))
+            except Exception:
+                stats.render_errors += 1
+                self._once.warn("render", "rendering failed; the last frame stays on the camera", exc_info=True)
+                self._stop.wait(0.1)
+
+    def _decode_loop(self) -> None:
+        """The CPU pipeline's second half: the newest motion through the face decoder and marker."""
+        pipeline, stats = self.pipeline.pipeline, self.stats
+        _lower_priority(RENDER_NICE)
+        while not self._stop.is_set():
+            item = self._motions.take(timeout=0.1)
+            if item is None:
+                continue
+            motion, block = item
+            try:
+                frame = self.marker(pipeline.render(motion))
+                stats.frames_rendered += 1
+                self._mailbox.put(_Frame(frame, block.captured_at, block.live, time.monotonic()))
+                if self._once.clear("render"):
+                    log.warning("rendering works again")
+            except Exception:
                 stats.render_errors += 1
                 self._once.warn("render", "rendering failed; the last frame stays on the camera", exc_info=True)
                 self._stop.wait(0.1)
@@ -349,13 +417,19 @@ class LiveDaemon:
                 restore[sig] = signal.signal(sig, lambda *_: self._stop.set())
         old_switch = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        worker = threading.Thread(target=self._render_loop, name="live-render", daemon=True)
-        worker.start()
+        if isinstance(self.pipeline, PipelineTicker):  # the CPU: motion and decoding on threads of their own
+            loops = [(self._motion_loop, "live-motion"), (self._decode_loop, "live-render")]
+        else:  # a FrameEngine runs both on the device, one tick at a time
+            loops = [(self._render_loop, "live-render")]
+        workers = [threading.Thread(target=loop, name=name, daemon=True) for loop, name in loops]
+        for worker in workers:
+            worker.start()
         try:
             self._pace(seconds)
         finally:
             self._stop.set()
-            worker.join(timeout=5.0)
+            for worker in workers:
+                worker.join(timeout=5.0)
             sys.setswitchinterval(old_switch)
             for sig, handler in restore.items():
                 signal.signal(sig, handler)

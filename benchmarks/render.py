@@ -7,6 +7,9 @@ Python process (so peak RSS is that render's own), and writes benchmarks/results
     python benchmarks/render.py --seconds 60 600 3600      # flat memory: 1, 10 and 60 minutes
     python benchmarks/render.py --seconds 3600 --stop-after 2400 --out benchmarks/results/render-memory.json
                                                            # RSS every 30 s of a long render, stopped at 40 min
+    python benchmarks/render.py --seconds 3600 --mux-only --out benchmarks/results/render-memory-mux-only.json
+                                                           # the mp4 writer alone (16x16 frames, the same
+                                                           # audio): what its growing sample index costs
 """
 
 from __future__ import annotations
@@ -43,6 +46,30 @@ print(json.dumps({"frames": result.frames, "audio_seconds": result.audio_seconds
                   "peak_rss_mb": peak_kb / 1024}))
 """
 
+# The writer alone, as render_file drives it but with 16x16 frames and no engines: mp4 keeps every
+# sample's size and offset in memory until it writes the index (moov) at the end, so this is the
+# part of a render's memory that must grow with its length.
+CHILD_MUX = r"""
+import json, sys, time
+import numpy as np
+from pathlib import Path
+from avatar.constants import FPS
+from avatar.media import VideoWriter
+from avatar.memory import steady_heap
+steady_heap()
+seconds = float(sys.argv[5])
+frame = np.full((16, 16, 3), 128, np.uint8)
+started = time.perf_counter()
+with VideoWriter(Path(sys.argv[2]), size=16, audio_path=Path(sys.argv[1])) as writer:
+    for i in range(round(seconds * FPS)):
+        frame[0, 0] = i % 256
+        writer.write(frame)
+wall = time.perf_counter() - started
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"mode": "mux-only (16x16 frames, no engines)", "frames": round(seconds * FPS),
+                  "audio_seconds": seconds, "wall_seconds": wall, "peak_rss_mb": peak_kb / 1024}))
+"""
+
 
 def make_audio(seconds: float, folder: Path) -> Path:
     voice = ROOT / "avatar" / "assets" / "voice.wav"
@@ -71,6 +98,8 @@ def main() -> None:
     parser.add_argument("--sample-every", type=float, default=30.0, help="s between samples of the render's RSS")
     parser.add_argument("--stop-after", type=float, default=None,
                         help="s of wall time after which a render is stopped (its RSS samples so far are kept)")
+    parser.add_argument("--mux-only", action="store_true",
+                        help="measure the mp4 writer alone (16x16 frames, the same audio, no engines)")
     args = parser.parse_args()
 
     runs = []
@@ -79,8 +108,8 @@ def main() -> None:
             audio = make_audio(seconds, Path(tmp))
             env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOG_minloglevel": "2"}
             started = time.perf_counter()
-            child = subprocess.Popen([sys.executable, "-c", CHILD, str(audio), str(Path(tmp) / "out.mp4"),
-                                      args.audio_model, str(args.threads)],
+            child = subprocess.Popen([sys.executable, "-c", CHILD_MUX if args.mux_only else CHILD, str(audio),
+                                      str(Path(tmp) / "out.mp4"), args.audio_model, str(args.threads), str(seconds)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             samples = []  # (wall s, resident MB, peak MB) of the render process while it runs
             stopped = False
@@ -107,6 +136,8 @@ def main() -> None:
             if stopped:
                 print(f"{seconds:>7g} s audio: stopped after {run['stopped_after_s']:.0f} s, "
                       f"last RSS {samples[-1][1] if samples else float('nan'):.0f} MB")
+            elif args.mux_only:
+                print(f"{seconds:>7g} s audio, writer alone: peak RSS {run['peak_rss_mb']:.0f} MB")
             else:
                 print(f"{seconds:>7g} s audio: RTF {run['rtf']:.3f}, "
                       f"{1000 * run['wall_seconds'] / run['frames']:.1f} ms/frame, peak RSS {run['peak_rss_mb']:.0f} MB")
