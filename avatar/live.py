@@ -248,6 +248,7 @@ class LiveDaemon:
         self.marker = marker or (lambda frame: frame)
         self._idle_frame = None if idle_frame is None else self.marker(np.ascontiguousarray(idle_frame).copy())
         self._mailbox = _Mailbox()
+        self._torch_threads = _torch_threads()  # the creating thread's, for the worker threads
         self._motions = _Latest()  # CPU: the motion thread's newest motion, for the decode thread
         self._stop = threading.Event()
         self._once = _Once()
@@ -276,6 +277,7 @@ class LiveDaemon:
     def _render_loop(self) -> None:
         pipeline, stats = self.pipeline, self.stats
         _lower_priority(RENDER_NICE)
+        _same_torch_threads(self._torch_threads)
         while not self._stop.is_set():
             try:
                 blocks = self.mic.read_blocks(max_blocks=MAX_CATCHUP_BLOCKS, timeout=0.1)
@@ -304,6 +306,7 @@ class LiveDaemon:
         ticker, stats = self.pipeline, self.stats
         pipeline = ticker.pipeline
         _lower_priority(RENDER_NICE)
+        _same_torch_threads(self._torch_threads)
         while not self._stop.is_set():
             try:
                 blocks = self.mic.read_blocks(max_blocks=MAX_CATCHUP_BLOCKS, timeout=0.1)
@@ -324,6 +327,7 @@ class LiveDaemon:
         """The CPU pipeline's second half: the newest motion through the face decoder and marker."""
         pipeline, stats = self.pipeline.pipeline, self.stats
         _lower_priority(RENDER_NICE)
+        _same_torch_threads(self._torch_threads)
         while not self._stop.is_set():
             item = self._motions.take(timeout=0.1)
             if item is None:
@@ -499,6 +503,20 @@ class LiveDaemon:
                 self._status()
                 self.on_status(stats)
             self._retry_camera(handed)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _same_torch_threads(n: int) -> None:
+    """torch's thread count is per thread (OpenMP's setting): a new thread would run every op on as
+    many threads as there are cores, spinning (measured here: 2x the CPU for the same work)."""
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _lower_priority(nice: int) -> None:

@@ -144,7 +144,10 @@ def run_ahead(items: Iterator, *, depth: int) -> Iterator:
     stop = threading.Event()
     done = object()
 
+    threads = torch.get_num_threads()
+
     def produce() -> None:
+        torch.set_num_threads(threads)  # per thread (OpenMP): else every op spins a team of all cores
         try:
             for item in items:
                 handoff.put((item, None))

@@ -401,7 +401,10 @@ class FaceDecoder(nn.Module):
         compiled or on a GPU, the decoder runs in one thread."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="face-decoder") if workers > 0 else None
+        # torch's thread count is per thread (OpenMP's setting): a new thread would run every op on
+        # as many threads as there are cores, spinning; measured here, 2x the CPU for the same work
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="face-decoder", initializer=torch.set_num_threads,
+                                        initargs=(torch.get_num_threads(),)) if workers > 0 else None
         return self
 
     def _cached(self, name: str, make, *tensors: Tensor) -> Tensor:

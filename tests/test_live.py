@@ -329,6 +329,35 @@ def test_run_ahead_raises_in_order_and_stops_when_the_caller_does():
     assert len(made) <= 2 + 3 + 2  # it stopped: at most the queue's depth and one more turn ahead
 
 
+def test_worker_threads_keep_the_callers_torch_thread_count():
+    """torch's thread count is per thread (OpenMP's): a thread we start must set it again, or each
+    op there spins a team as wide as the machine (measured: 2x the CPU for the same work)."""
+    from avatar.pipeline import run_ahead
+    from engines.face_decoder import FaceDecoder
+
+    import ctypes
+
+    omp = sorted({path for path in Path("/proc/self/maps").read_text().split() if "libgomp" in path or "libiomp" in path})
+    if not omp:
+        pytest.skip("this torch build runs no OpenMP")
+    max_threads = ctypes.CDLL(omp[0]).omp_get_max_threads  # what a new thread's ops would use
+    fresh = []
+    probe = threading.Thread(target=lambda: fresh.append(max_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        probe.start()
+        probe.join()
+        seen = list(run_ahead((max_threads() for _ in range(3)), depth=1))
+        pool = FaceDecoder().parallel(1)._pool
+        assert seen == [1, 1, 1] and pool.submit(max_threads).result() == 1
+        pool.shutdown()
+        if os.cpu_count() > 1:
+            assert fresh[0] > 1  # the trap itself: a bare thread does not inherit the setting
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---- voice activity gate ---------------------------------------------------------------------------
 
 def test_gate_silences_the_encoder_while_idle():
