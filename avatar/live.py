@@ -274,6 +274,12 @@ class LiveDaemon:
         self._gain = target
         return samples * ramp
 
+    def _render_failed(self) -> None:
+        """A bug, not a device problem: said once, the last frame stays on the camera."""
+        self.stats.render_errors += 1
+        self._once.warn("render", "rendering failed; the last frame stays on the camera", exc_info=True)
+        self._stop.wait(0.1)
+
     def _render_loop(self) -> None:
         pipeline, stats = self.pipeline, self.stats
         _lower_priority(RENDER_NICE)
@@ -294,10 +300,8 @@ class LiveDaemon:
                 self._mailbox.put(_Frame(frame, blocks[-1].captured_at, blocks[-1].live, time.monotonic()))
                 if self._once.clear("render"):
                     log.warning("rendering works again")
-            except Exception:  # a bug, not a device problem: say it once, keep the camera fed
-                stats.render_errors += 1
-                self._once.warn("render", "rendering failed; the last frame stays on the camera", exc_info=True)
-                self._stop.wait(0.1)
+            except Exception:
+                self._render_failed()
 
     def _motion_loop(self) -> None:
         """The CPU pipeline's first half: the encoder and generator for every block as it arrives;
@@ -319,9 +323,7 @@ class LiveDaemon:
                 if pipeline.ticks > ticker.lookahead_frames:  # else the look-ahead is still filling
                     self._motions.put((motion, blocks[-1]))
             except Exception:
-                stats.render_errors += 1
-                self._once.warn("render", "rendering failed; the last frame stays on the camera", exc_info=True)
-                self._stop.wait(0.1)
+                self._render_failed()
 
     def _decode_loop(self) -> None:
         """The CPU pipeline's second half: the newest motion through the face decoder and marker."""
@@ -340,9 +342,7 @@ class LiveDaemon:
                 if self._once.clear("render"):
                     log.warning("rendering works again")
             except Exception:
-                stats.render_errors += 1
-                self._once.warn("render", "rendering failed; the last frame stays on the camera", exc_info=True)
-                self._stop.wait(0.1)
+                self._render_failed()
 
     # ---- pacing thread --------------------------------------------------------------------------
     def _send(self, frame: np.ndarray, now: float) -> None:
