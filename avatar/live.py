@@ -274,6 +274,19 @@ class LiveDaemon:
         self._gain = target
         return samples * ramp
 
+    def _rendered(self, frame: np.ndarray, block) -> None:
+        """A fresh frame from `block`'s motion: marked here, on a render-side thread (the pacing
+        thread stays light), and left in the mailbox for the next tick."""
+        self.stats.frames_rendered += 1
+        self._mailbox.put(_Frame(self.marker(frame), block.captured_at, block.live, time.monotonic()))
+        if self._once.clear("render"):
+            log.warning("rendering works again")
+
+    def _worker_started(self) -> None:
+        """First thing on every render-side thread: below the pacing thread, torch's thread count."""
+        _lower_priority(RENDER_NICE)
+        _same_torch_threads(self._torch_threads)
+
     def _render_failed(self) -> None:
         """A bug, not a device problem: said once, the last frame stays on the camera."""
         self.stats.render_errors += 1
@@ -282,8 +295,7 @@ class LiveDaemon:
 
     def _render_loop(self) -> None:
         pipeline, stats = self.pipeline, self.stats
-        _lower_priority(RENDER_NICE)
-        _same_torch_threads(self._torch_threads)
+        self._worker_started()
         while not self._stop.is_set():
             try:
                 blocks = self.mic.read_blocks(max_blocks=MAX_CATCHUP_BLOCKS, timeout=0.1)
@@ -295,11 +307,7 @@ class LiveDaemon:
                 stats.speaking = blocks[-1].speaking
                 if frame is None:  # the look-ahead is still filling
                     continue
-                stats.frames_rendered += 1
-                frame = self.marker(frame)  # on the render thread: the pacing thread stays light
-                self._mailbox.put(_Frame(frame, blocks[-1].captured_at, blocks[-1].live, time.monotonic()))
-                if self._once.clear("render"):
-                    log.warning("rendering works again")
+                self._rendered(frame, blocks[-1])
             except Exception:
                 self._render_failed()
 
@@ -309,8 +317,7 @@ class LiveDaemon:
         ~20 ms are no longer queued behind the motion steps of a catch-up."""
         ticker, stats = self.pipeline, self.stats
         pipeline = ticker.pipeline
-        _lower_priority(RENDER_NICE)
-        _same_torch_threads(self._torch_threads)
+        self._worker_started()
         while not self._stop.is_set():
             try:
                 blocks = self.mic.read_blocks(max_blocks=MAX_CATCHUP_BLOCKS, timeout=0.1)
@@ -327,20 +334,15 @@ class LiveDaemon:
 
     def _decode_loop(self) -> None:
         """The CPU pipeline's second half: the newest motion through the face decoder and marker."""
-        pipeline, stats = self.pipeline.pipeline, self.stats
-        _lower_priority(RENDER_NICE)
-        _same_torch_threads(self._torch_threads)
+        pipeline = self.pipeline.pipeline
+        self._worker_started()
         while not self._stop.is_set():
             item = self._motions.take(timeout=0.1)
             if item is None:
                 continue
             motion, block = item
             try:
-                frame = self.marker(pipeline.render(motion))
-                stats.frames_rendered += 1
-                self._mailbox.put(_Frame(frame, block.captured_at, block.live, time.monotonic()))
-                if self._once.clear("render"):
-                    log.warning("rendering works again")
+                self._rendered(pipeline.render(motion), block)
             except Exception:
                 self._render_failed()
 
