@@ -13,7 +13,7 @@ import torch
 from avatar.constants import FPS
 from avatar.controls import Controls, controls_tensor
 from avatar.motion import CHANNELS, INDEX, N_CHANNELS
-from engines.motion_generator import ARTICULATION, N_NOISE, STATE_NAMES, STATE_SHAPES, MotionGenerator
+from engines.motion_generator import ARTICULATION, CLOSURE_FULL, N_NOISE, STATE_NAMES, STATE_SHAPES, MotionGenerator
 
 torch.set_num_threads(1)
 
@@ -211,7 +211,7 @@ def test_a_lip_closure_closes_the_lips_and_jaw_in_its_own_frame():
     feats = synthetic_talk(6.0, seed=11, pauses=False)
     feats[:, CLOSED] = 0.0
     frames = [60, 100, 143, 180]  # mid-syllable, whatever the jaw is doing
-    for k, value in zip(frames, (1.0, 0.5, 1.0, 0.7)):
+    for k, value in zip(frames, (1.0, CLOSURE_FULL, 1.0, 0.85)):  # a full closure, or just one
         feats[k, CLOSED] = value
     motion, _ = run(feats, controls_tensor(Controls()), seed=0)
     press, jaw = channel(motion, "lips_press")[0], channel(motion, "jaw_open")[0]
