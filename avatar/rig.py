@@ -21,7 +21,7 @@ from torch import Tensor
 
 from engines.face_decoder import RIG_INPUT_NAMES, RIG_INPUTS
 
-RIG_VERSION = 4
+RIG_VERSION = 5
 
 __all__ = ["RIG_INPUT_NAMES", "RIG_VERSION", "Rig", "build_rig", "load_rig", "rig_cache_dir"]
 
@@ -494,28 +494,35 @@ def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tupl
     lum_cav, lum_teeth = cavity @ LUMA, teeth_colour @ LUMA
     chroma = (crop.max(-1) - crop.min(-1)) / np.maximum(crop.max(-1), 1.0)
     is_teeth = interior & (lum > 0.5 * (lum_cav + lum_teeth)) & (chroma < 0.22)  # whitish, not lip pink
-    # per column: the first run of teeth from the top ends at the biting edge; columns with no
-    # teeth (dark corners) ride the skull whole
+    # per column, the cut between what rides the skull and what rides the jaw: at the darkest point
+    # of the opening (the gap between the rows of teeth, or the cavity under the upper teeth), and
+    # never above the biting edge of upper teeth that show from the top (the first run of teeth
+    # starting in the upper half). A column with no opening rides the skull whole. Per column
+    # detection alone mixed rules from column to column on a photo taken mid-word (upper teeth in
+    # shadow, lower teeth bright): a dark wedge or hanging bits of teeth as the jaw opened.
+    lum_v = cv2.GaussianBlur(lum.astype(np.float32), (0, 0), sigmaX=0.1, sigmaY=1.5)
     t_split = np.ones(width)
     for x in range(width):
-        col = is_teeth[:, x]
-        rows = np.nonzero(col)[0]
+        rows = np.nonzero(interior[:, x] & (t[:, x] >= 0.15) & (t[:, x] <= 0.9))[0]
         if len(rows) < 2:
             continue
-        end = rows[0]
-        while end + 1 < height and (col[end + 1] or (end + 2 < height and col[end + 2])):
-            end += 1
-        gap_here = max(depth_up[end, x] + depth_low[end, x], 1.0)
-        t_split[x] = t[end, x] + 0.5 / gap_here
+        dark = rows[np.argmin(lum_v[rows, x])]
+        gap_here = max(depth_up[dark, x] + depth_low[dark, x], 1.0)
+        t_split[x] = t[dark, x]
+        col = is_teeth[:, x]
+        teeth_rows = np.nonzero(col)[0]
+        if len(teeth_rows) >= 2 and t[teeth_rows[0], x] < 0.5:
+            end = teeth_rows[0]
+            while end + 1 < height and (col[end + 1] or (end + 2 < height and col[end + 2])):
+                end += 1
+            gap_here = max(depth_up[end, x] + depth_low[end, x], 1.0)
+            t_split[x] = max(t_split[x], t[end, x] + 0.5 / gap_here)
     # a column's edge never sits above its neighbours' (a stray dark pixel must not cut a tooth),
     # and the edge runs smoothly from column to column (no stair steps when the jaw drops)
     t_split = np.max(np.stack([np.roll(np.pad(t_split, 2, mode="edge"), k)[2:-2] for k in range(-2, 3)]), 0)
     t_split = np.convolve(np.pad(t_split, 2, mode="edge"), np.ones(5) / 5, mode="valid")
-    t_split = np.clip(t_split, 0.3, 1.0)[None, :]
+    t_split = np.clip(t_split, 0.3, 1.0)
     gap_px = depth_up + depth_low
-    below = (t - t_split) * gap_px  # px below the split line
-    photo_up = interior * _smoothstep(1.0 - below)  # 1 down to the split, fading over 1 px below it
-    photo_low = interior * _smoothstep(below + 1.0)  # opaque from the split line down (exactness)
 
     # synthetic teeth for what the photo does not show: stripes per tooth, darker as they recede;
     # the upper ones continue the photo's own teeth upward where it shows any
@@ -535,6 +542,16 @@ def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tupl
         return body, shade
 
     up_body, up_shade = teeth(sd_up, UPPER_TOOTH_SHOW_FW * fw, 0.08 * fw, a_corner * 1.05)
+    # the cut stays 2 px below the synthetic upper teeth: where the photo fades out under it, the
+    # lower layer's photo shows through exactly, so the resting mouth is the photo's to the bit
+    for x in np.nonzero((up_body > 0).any(0))[0]:
+        rows = np.nonzero(interior[:, x] & (up_body[:, x] > 0))[0]
+        if len(rows):
+            last = rows[-1]
+            t_split[x] = max(t_split[x], t[last, x] + 2.0 / max(gap_px[last, x], 1.0))
+    below = (t - t_split[None, :]) * gap_px  # px below the split line
+    photo_up = interior * _smoothstep(1.0 - below)  # 1 down to the split, fading over 1 px below it
+    photo_low = interior * _smoothstep(below + 1.0)  # opaque from the split line down (exactness)
     up_rgb = teeth_colour * up_shade[..., None]
     # where the photo shows teeth right under the lip, continue that column of teeth upward
     probe = np.stack([u.ravel(), np.interp(u.ravel(), upper[:, 0], upper[:, 1]) + 4.0 / fw], 1)

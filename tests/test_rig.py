@@ -53,6 +53,39 @@ def test_two_portraits_give_identical_shapes(astronaut, face):
     assert np.array_equal(neutral, other.image.numpy())
 
 
+def _bright_inside(rig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the mouth's source crop: whitish photo pixels inside the opening, their place across it
+    (0 at the upper inner lip, 1 at the lower) and the upper teeth layer's alpha (what rides the skull)."""
+    layers = rig.engine["mouth_layers"].numpy()
+    x0, y0 = (int(v) for v in rig.engine["mouth_src_origin"].tolist())
+    h, w = layers.shape[-2:]
+    crop = rig.image.numpy()[y0:y0 + h, x0:x0 + w].astype(np.float64)
+    sd_up, sd_low = layers[0, 3], layers[1, 3]  # + toward each lip
+    inside = (sd_up < 0) & (sd_low < 0)
+    across = -sd_up / np.maximum(-sd_up - sd_low, 1e-6)
+    bright = inside & (crop @ np.array([0.299, 0.587, 0.114]) > 170)
+    return bright, across, layers[2, 3]
+
+
+def test_lower_teeth_of_a_photo_taken_mid_word_ride_the_jaw_as_one_piece():
+    # upper teeth in shadow, lower teeth bright: read column by column as upper teeth, about half of
+    # the lower teeth stayed on the skull while the rest dropped with the jaw (measured 45 %: a dark
+    # wedge and hanging bits of teeth as the mouth opened)
+    from avatar.portrait import analyze_portrait
+
+    rig = build_rig(analyze_portrait(REPO / "tests" / "data" / "faces" / "barack_obama_speaking.jpg"))
+    bright, across, on_skull = _bright_inside(rig)
+    lower = bright & (across > 0.6)
+    assert lower.sum() > 100  # the photo does show its lower teeth
+    assert (on_skull[lower] > 0.5).mean() < 0.05
+
+
+def test_upper_teeth_of_a_smile_ride_the_skull(astronaut):
+    bright, across, on_skull = _bright_inside(astronaut)
+    upper = bright & (across < 0.4)
+    assert upper.sum() > 100 and (on_skull[upper] > 0.5).mean() > 0.95
+
+
 def test_no_subnormal_floats(astronaut):
     # subnormal float32 values make CPU arithmetic many times slower
     for name, t in astronaut.engine.items():
