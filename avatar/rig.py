@@ -21,7 +21,7 @@ from torch import Tensor
 
 from engines.face_decoder import RIG_INPUT_NAMES, RIG_INPUTS
 
-RIG_VERSION = 5
+RIG_VERSION = 6
 
 __all__ = ["RIG_INPUT_NAMES", "RIG_VERSION", "Rig", "build_rig", "load_rig", "rig_cache_dir"]
 
@@ -422,6 +422,9 @@ def _lip_line(uv: np.ndarray, ids, reach: float) -> np.ndarray:
     return np.concatenate([pts[:1] - [reach, 0.0], pts, pts[-1:] + [reach, 0.0]])
 
 
+CAVITY_CHROMA = 0.75  # most (max - min) / max of the cavity colour; the test photos measured 0.38-0.74 and 0.95
+
+
 def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tuple[int, int],
                  width: int, height: int) -> dict[str, np.ndarray]:
     """The mouth's layers on a source crop (height, width) at `origin` (frame px).
@@ -484,6 +487,14 @@ def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tupl
     # dark, but not a black hole: a mouth's inside keeps some of the lips' warmth
     cavity_lum = max(float(cavity @ LUMA), 1e-3)
     cavity = cavity * float(np.clip(cavity_lum, 32.0, 55.0)) / cavity_lum
+    # nor a painted one: a shadowed tongue can read as pure red ([95, 5, 5] on a photo taken
+    # mid-word); keep at most CAVITY_CHROMA of the colour around its luminance
+    grey = float(cavity @ LUMA)
+    chroma = (cavity.max() - cavity.min()) / max(cavity.max(), 1e-3)
+    if chroma > CAVITY_CHROMA:  # toward the grey, to exactly that chroma
+        high, low = cavity.max(), cavity.min()
+        keep = CAVITY_CHROMA * grey / (high - low - CAVITY_CHROMA * (high - grey))
+        cavity = grey + (cavity - grey) * keep
     if teeth_colour @ LUMA < 120:  # dark "teeth" were a shadow: use the default
         teeth_colour = default_teeth
 
