@@ -29,6 +29,14 @@ AAC_BIT_RATE = {1: 96_000, 2: 160_000}  # bits/s per layout; speech and music bo
 
 # Muxer per output suffix: mp4 is the product; mov/mkv cost nothing to allow.
 OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+# mp4/mov are written in two passes. During the render: fragments, one per keyframe, so the muxer
+# holds the sample index of one fragment only. A classic mp4 keeps every sample's size and offset
+# until it writes the index at the end: measured here, the writer thread's heap grew ~0.6 MB per
+# minute of video (benchmarks/results/render-memory.json). At close, a stream copy into a classic
+# mp4 (index first: faststart), which players, editors and file browsers all read, with the exact
+# durations (the AAC edit list) a fragmented file cannot carry.
+FRAGMENTED_FLAGS = "+frag_keyframe+delay_moov+default_base_moof"
+CLASSIC_FLAGS = "+faststart+use_metadata_tags"
 
 # x264 settings, measured on the 2-core target writing 512x512 astronaut frames with small whole-
 # frame motion (a worst case: the real background is still), AAC muxed, median of 3 runs:
@@ -266,7 +274,11 @@ class VideoWriter:
         # Temp name keeps the suffix so FFmpeg and users see what it is; hidden, unique per writer.
         self.tmp_path = parent / f".{self.path.stem}.{uuid.uuid4().hex[:8]}.part{self.path.suffix}"
 
-        options = {"movflags": "+faststart+use_metadata_tags"} if fmt in ("mp4", "mov") else {}
+        self._format = fmt
+        self._fragmented = fmt in ("mp4", "mov")
+        self._metadata: dict[str, str] = {}
+        self._copy_path = parent / f".{self.path.stem}.{uuid.uuid4().hex[:8]}.copy{self.path.suffix}"
+        options = {"movflags": FRAGMENTED_FLAGS} if self._fragmented else {}
         try:
             self.container = av.open(str(self.tmp_path), mode="w", format=fmt, options=options)
         except av.error.FFmpegError as exc:
@@ -276,7 +288,7 @@ class VideoWriter:
                 # libavformat overwrites "encoder" with its own version string at the header, so a
                 # caller's value would be lost silently: keep it under FFmpeg's "encoded_by" tag.
                 key = "encoded_by" if key == "encoder" else str(key)
-                self.container.metadata[key] = str(value)
+                self.container.metadata[key] = self._metadata[key] = str(value)
             self.video = self.container.add_stream("libx264", rate=self.fps)
             ctx = self.video.codec_context
             ctx.width = ctx.height = self.size
@@ -326,10 +338,26 @@ class VideoWriter:
                     self._audio.close()
                 self.container.close()
                 self._closed = True
-                os.replace(self.tmp_path, self.path)
+                if self._fragmented:
+                    self._defragment()
+                os.replace(self._copy_path if self._fragmented else self.tmp_path, self.path)
+                self.tmp_path.unlink(missing_ok=True)
         except BaseException:
             self._discard()
             raise
+
+    def _defragment(self) -> None:
+        """The fragmented file -> a classic one, packets copied as they are (no re-encoding)."""
+        with av.open(str(self.tmp_path)) as source, av.open(str(self._copy_path), mode="w", format=self._format,
+                                                             options={"movflags": CLASSIC_FLAGS}) as copy:
+            for key, value in self._metadata.items():
+                copy.metadata[key] = value
+            streams = {s.index: copy.add_stream_from_template(s) for s in source.streams}
+            for packet in source.demux():
+                if packet.dts is None:  # the empty packet that ends each stream
+                    continue
+                packet.stream = streams[packet.stream.index]
+                copy.mux(packet)
 
     @contextlib.contextmanager
     def _io_errors(self):
@@ -349,6 +377,7 @@ class VideoWriter:
                 except Exception:  # already failing; the original error is what matters
                     pass
         self.tmp_path.unlink(missing_ok=True)
+        self._copy_path.unlink(missing_ok=True)
 
     def __enter__(self) -> VideoWriter:
         return self

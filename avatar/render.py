@@ -84,6 +84,9 @@ def render_file(*, portrait: Path, audio: Path, output: Path, controls: Controls
             frames.close()
             bar.close()
         audio_seconds = source.samples_read / SAMPLE_RATE
+        # the engines are done: their memory serves the writer's last pass (the classic mp4's index,
+        # built at close), so the peak stays that of the render whatever its length
+        del ticker, backend, engines, rig
     return RenderResult(output=Path(output), frames=frames.count, audio_seconds=audio_seconds,
                         wall_seconds=time.perf_counter() - started)
 

@@ -9,7 +9,8 @@ Python process (so peak RSS is that render's own), and writes benchmarks/results
                                                            # RSS every 30 s of a long render, stopped at 40 min
     python benchmarks/render.py --seconds 3600 --mux-only --out benchmarks/results/render-memory-mux-only.json
                                                            # the mp4 writer alone (16x16 frames, the same
-                                                           # audio): what its growing sample index costs
+                                                           # audio): its fragments while writing, and the
+                                                           # classic copy's index built at close
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ print(json.dumps({"frames": result.frames, "audio_seconds": result.audio_seconds
                   "peak_rss_mb": peak_kb / 1024}))
 """
 
-# The writer alone, as render_file drives it but with 16x16 frames and no engines: mp4 keeps every
-# sample's size and offset in memory until it writes the index (moov) at the end, so this is the
-# part of a render's memory that must grow with its length.
+# The writer alone, as render_file drives it but with 16x16 frames and no engines. A classic mp4
+# keeps every sample's size and offset in memory until it writes the index (moov) at the end; our
+# writer writes fragments (one fragment's index in memory) and builds the classic file's index at
+# close, when a render's engines have freed far more than it needs (avatar/media.py).
 CHILD_MUX = r"""
 import json, sys, time
 import numpy as np

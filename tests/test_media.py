@@ -405,6 +405,35 @@ def test_exception_leaves_no_partial_file_and_keeps_the_old_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["render.mp4"]
 
 
+def _top_level_boxes(data: bytes) -> list[bytes]:
+    boxes, at = [], 0
+    while at + 8 <= len(data):
+        size = int.from_bytes(data[at:at + 4], "big")
+        if size == 1:
+            size = int.from_bytes(data[at + 8:at + 16], "big")
+        boxes.append(data[at + 4:at + 8])
+        if size < 8:
+            break
+        at += size
+    return boxes
+
+
+def test_writer_holds_one_fragment_while_writing_and_leaves_a_classic_mp4(tmp_path):
+    # Memory flat in the length: while frames arrive the file grows fragment by fragment (the muxer
+    # keeps one fragment's sample index, not every sample's); closed, it is a classic mp4 with its
+    # index first, and the fragments are gone.
+    out = tmp_path / "out.mp4"
+    audio = write_wav(tmp_path / "a.wav", sine(440, 20.0, 48000), 48000)
+    with VideoWriter(out, size=64, audio_path=audio) as writer:
+        for frame in test_frames(20 * FPS, size=64):
+            writer.write(frame)
+        writing = _top_level_boxes(writer.tmp_path.read_bytes())
+        assert writing.count(b"moof") >= 2, writing  # x264 puts a keyframe every 250 frames at most
+    final = _top_level_boxes(out.read_bytes())
+    assert b"moof" not in final and final.index(b"moov") < final.index(b"mdat"), final
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "out.mp4"]
+
+
 def test_successful_close_replaces_the_old_file(tmp_path):
     out = tmp_path / "render.mp4"
     out.write_bytes(b"previous render")
