@@ -32,9 +32,9 @@ OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska
 # mp4/mov are written in two passes. During the render: fragments, one per keyframe, so the muxer
 # holds the sample index of one fragment only. A classic mp4 keeps every sample's size and offset
 # until it writes the index at the end: measured here, the writer thread's heap grew ~0.6 MB per
-# minute of video (benchmarks/results/render-memory.json). At close, a stream copy into a classic
-# mp4 (index first: faststart), which players, editors and file browsers all read, with the exact
-# durations (the AAC edit list) a fragmented file cannot carry.
+# minute of video (benchmarks/results/render-memory-classic-writer.json). At close, a stream copy
+# into a classic mp4 (index first: faststart), which players, editors and file browsers all read,
+# with the exact durations (the AAC edit list) that a fragmented file cannot carry.
 FRAGMENTED_FLAGS = "+frag_keyframe+delay_moov+default_base_moof"
 CLASSIC_FLAGS = "+faststart+use_metadata_tags"
 
