@@ -517,9 +517,7 @@ def mouth_layers(img: np.ndarray, lm: np.ndarray, frame: FaceFrame, origin: tupl
         rows = np.nonzero(interior[:, x] & (t[:, x] >= 0.15) & (t[:, x] <= 0.9))[0]
         if len(rows) < 2:
             continue
-        dark = rows[np.argmin(lum_v[rows, x])]
-        gap_here = max(depth_up[dark, x] + depth_low[dark, x], 1.0)
-        t_split[x] = t[dark, x]
+        t_split[x] = t[rows[np.argmin(lum_v[rows, x])], x]
         col = is_teeth[:, x]
         teeth_rows = np.nonzero(col)[0]
         if len(teeth_rows) >= 2 and t[teeth_rows[0], x] < 0.5:
