@@ -10,10 +10,13 @@ offline callers flush with `flush()` to get the last frames; live callers simply
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -113,12 +116,16 @@ class PipelineTicker:
     def reset(self) -> None:
         self.pipeline.reset()
 
-    def stream(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    def stream(self, blocks: Iterable[np.ndarray], *, render_threads: int = 1) -> Iterator[np.ndarray]:
         """Every frame of a whole stream, in order: `blocks` (each (SAMPLES_PER_FRAME,) float32)
         then silence through the look-ahead. The same frames as tick() block by block, but the
         audio encoder and motion generator run (with the reading of `blocks`) on a thread of their
         own, up to MOTION_AHEAD ticks ahead of the decoder: their ~3 ms a frame and the audio
-        decoding leave the decoder's thread, the one that bounds an offline render."""
+        decoding leave the decoder's thread, the one that bounds an offline render.
+
+        render_threads > 1: that many frames are decoded at once, each on a thread of its own
+        (offline, where a frame may wait a frame: the decoder is pure, so each frame is the same).
+        Meant for a decoder that runs in its caller's thread (FaceDecoder.parallel(0))."""
         pipeline = self.pipeline
         silence = np.zeros(SAMPLES_PER_FRAME, dtype=np.float32)
 
@@ -128,9 +135,11 @@ class PipelineTicker:
             for _ in range(self.lookahead_frames):
                 yield pipeline.motion_step(silence)
 
-        for i, motion in enumerate(run_ahead(motions(), depth=MOTION_AHEAD)):
-            if i >= self.lookahead_frames:
-                yield pipeline.render(motion)
+        shown = itertools.islice(run_ahead(motions(), depth=MOTION_AHEAD), self.lookahead_frames, None)
+        if render_threads <= 1:
+            yield from map(pipeline.render, shown)
+        else:
+            yield from ordered_map(pipeline.render, shown, threads=render_threads)
 
 
 MOTION_AHEAD = 4  # motion vectors in flight between the engines' thread and the decoder's (bounded)
@@ -176,6 +185,28 @@ def run_ahead(items: Iterator, *, depth: int) -> Iterator:
                 pass
 
 
+def ordered_map(fn, items: Iterator, *, threads: int) -> Iterator:
+    """fn(item) for each of `items`, in order, computed on `threads` threads of their own (torch ops
+    release the GIL). At most threads + 1 calls are in flight, so memory is bounded; an exception
+    is raised here at its place in the order; closing this generator early waits for the calls in
+    flight and drops their results."""
+    torch_threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="render", initializer=torch.set_num_threads,
+                              initargs=(torch_threads,))  # per thread (OpenMP), as in run_ahead
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > threads:  # one queued behind the running ones: no thread waits for the caller
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for job in pending:
+            job.cancel()
+        pool.shutdown(wait=True)
+
+
 class FrameTicker:
     """The same `tick` over an engines.runtime FrameEngine (state kept by the back-end, e.g. on the
     GPU), with the noise drawn exactly as avatar.pipeline.Pipeline draws it, so a seed gives the
@@ -201,9 +232,9 @@ class FrameTicker:
         render = render and self.ticks > self.lookahead_frames
         return self.frames.step(samples, self.controls, noise, render=render)
 
-    def stream(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    def stream(self, blocks: Iterable[np.ndarray], *, render_threads: int = 1) -> Iterator[np.ndarray]:
         """Every frame of a whole stream, as PipelineTicker.stream; tick by tick here, since the
-        back-end already overlaps its stages on the device."""
+        back-end already overlaps its stages on the device (render_threads is not used)."""
         silence = np.zeros(SAMPLES_PER_FRAME, dtype=np.float32)
         for samples in blocks:
             if (frame := self.tick(samples, render=True)) is not None:
@@ -238,10 +269,12 @@ def resolve_audio_model(name: str) -> str:
     return "dsp"
 
 
-def load_engines(*, audio_model: str = "auto", motion_model: str = "generator") -> Engines:
+def load_engines(*, audio_model: str = "auto", motion_model: str = "generator",
+                 decoder_workers: int | None = None) -> Engines:
     """The torch reference engines, in eval mode. `audio_model` "dsp" and `motion_model`
     "baseline" select the comparison baselines; "auto" is the trained encoder when its weights
-    are installed, else the DSP baseline (said once in the log)."""
+    are installed, else the DSP baseline (said once in the log). `decoder_workers`: see
+    FaceDecoder.parallel (default 1, or VASA_AVATAR_DECODER_WORKERS)."""
     from engines.audio_encoder import load_audio_encoder
     from engines.face_decoder import FaceDecoder
 
@@ -255,6 +288,6 @@ def load_engines(*, audio_model: str = "auto", motion_model: str = "generator") 
         raise AvatarError(f"unknown motion model {motion_model!r}: use one of {', '.join(MOTION_MODELS)}")
     # on the CPU the decoder renders the mouth and eyes on a second core (FaceDecoder.parallel);
     # VASA_AVATAR_DECODER_WORKERS=0 keeps it in one thread (a one-core machine, or measuring)
-    workers = int(os.environ.get("VASA_AVATAR_DECODER_WORKERS", "1"))
+    workers = int(os.environ.get("VASA_AVATAR_DECODER_WORKERS", "1")) if decoder_workers is None else decoder_workers
     return Engines(encoder=load_audio_encoder(resolve_audio_model(audio_model)).eval(), generator=generator_class().eval(),
                    decoder=FaceDecoder().eval().parallel(workers))

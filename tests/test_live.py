@@ -299,6 +299,14 @@ def test_stream_gives_the_tick_frames_with_the_engines_a_thread_ahead():
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
     assert threads["encoder"] == {"run-ahead"} and threads["decoder"] == {threading.current_thread().name}
+    # offline on the CPU: frames decoded side by side on threads of their own, still in order
+    threads["decoder"].clear()
+    streamed.reset()
+    got = list(streamed.stream(iter(blocks), render_threads=2))
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+    assert threads["decoder"] == {"render_0", "render_1"}
     framed = FrameTicker(FrameEngine(Engines(MarkEncoder(), MarkGenerator(), MarkDecoder()), (image,)), controls)
     for a, b in zip(framed.stream(iter(blocks)), expected, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -329,10 +337,40 @@ def test_run_ahead_raises_in_order_and_stops_when_the_caller_does():
     assert len(made) <= 2 + 3 + 2  # it stopped: at most the queue's depth and one more turn ahead
 
 
+def test_ordered_map_keeps_the_order_raises_in_place_and_stops_when_the_caller_does():
+    from avatar.pipeline import ordered_map
+
+    def slow_square(i):
+        time.sleep(0.002 * (i % 3 == 0))  # later calls finish first
+        if i == 7:
+            raise ValueError("bad frame")
+        return i * i
+
+    got = []
+    with pytest.raises(ValueError, match="bad frame"):
+        for x in ordered_map(slow_square, iter(range(20)), threads=2):
+            got.append(x)
+    assert got == [i * i for i in range(7)]
+    assert list(ordered_map(slow_square, iter(range(7)), threads=3)) == [i * i for i in range(7)]
+
+    taken = []
+
+    def items():
+        for i in range(100):
+            taken.append(i)
+            yield i
+
+    stream = ordered_map(slow_square, items(), threads=2)
+    assert [next(stream), next(stream)] == [0, 1]
+    stream.close()
+    assert not any(t.name.startswith("render_") and t.is_alive() for t in threading.enumerate())
+    assert len(taken) <= 2 + 2 + 1  # bounded: the calls in flight and one queued
+
+
 def test_worker_threads_keep_the_callers_torch_thread_count():
     """torch's thread count is per thread (OpenMP's): a thread we start must set it again, or each
     op there spins a team as wide as the machine (measured: 2x the CPU for the same work)."""
-    from avatar.pipeline import run_ahead
+    from avatar.pipeline import ordered_map, run_ahead
     from engines.face_decoder import FaceDecoder
 
     import ctypes
@@ -349,6 +387,7 @@ def test_worker_threads_keep_the_callers_torch_thread_count():
         probe.start()
         probe.join()
         seen = list(run_ahead((max_threads() for _ in range(3)), depth=1))
+        assert list(ordered_map(lambda _: max_threads(), iter(range(4)), threads=2)) == [1, 1, 1, 1]
         pool = FaceDecoder().parallel(1)._pool
         assert seen == [1, 1, 1] and pool.submit(max_threads).result() == 1
         pool.shutdown()
