@@ -10,6 +10,7 @@ import numpy as np
 
 from avatar.badge import Badge
 from avatar.constants import FPS
+from avatar.memory import release_free
 from avatar.watermark import Payload, Watermarker, hour_bucket, load_install_id
 
 HOUR_CHECK_FRAMES = 60 * FPS  # how often a long stream checks whether its mark's hour is stale
@@ -55,5 +56,6 @@ class FrameMarker:
                 self.watermarker = Watermarker(Payload.now(self.install_id))
             finally:
                 self._renewing = False
+                release_free()  # the build's temporaries, kept in this thread's arena otherwise
 
         threading.Thread(target=build, name="watermark-renew", daemon=True).start()

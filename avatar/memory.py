@@ -31,3 +31,19 @@ def steady_heap() -> bool:
                                                                                           TRIM_THRESHOLD))
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         return False
+
+
+def release_free() -> bool:
+    """Hand the heap's free memory back to the OS now (glibc's malloc_trim), every arena's.
+
+    For a one-off build on a side thread in a long stream (the watermark's hourly renewal): its
+    temporaries land in that thread's own arena, which steady_heap's threshold keeps, so each
+    renewal left ~12 MB resident (measured: a 60-min render stepped from 461 to 474 MB at the
+    hour). The engines' blocks are faulted back in on the next frame, once. Returns whether it ran."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False

@@ -39,3 +39,34 @@ def test_a_stale_hour_is_restamped(tmp_path, monkeypatch):
     while marker.watermarker.payload.hour != hour + 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert marker.watermarker.payload.hour == hour + 1
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2 ** 20
+
+
+def test_restamping_leaves_no_memory_behind(tmp_path, monkeypatch):
+    """The renewal's build runs on a thread of its own, whose arena the steady heap would keep:
+    measured, 12 MB more resident after each hour's renewal until its free memory is released."""
+    import sys
+    import threading
+
+    import pytest
+
+    from avatar.memory import steady_heap
+
+    if not sys.platform.startswith("linux") or not steady_heap():
+        pytest.skip("glibc only")
+    monkeypatch.setenv("VASA_AVATAR_CONFIG", str(tmp_path))
+    marker = FrameMarker()
+    hour = marker.watermarker.payload.hour
+    monkeypatch.setattr(disclosure, "hour_bucket", lambda: hour + 1)
+    monkeypatch.setattr(disclosure.Payload, "now", classmethod(lambda cls, i: cls(1, i, hour + 1)))
+    before = _resident_mb()
+    marker._renew_if_stale()
+    deadline = time.monotonic() + 20
+    while any(t.name == "watermark-renew" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.watermarker.payload.hour == hour + 1
+    assert _resident_mb() - before < 4.0
