@@ -7,6 +7,8 @@ Python process (so peak RSS is that render's own), and writes benchmarks/results
     python benchmarks/render.py --seconds 60 600 3600      # flat memory: 1, 10 and 60 minutes
     python benchmarks/render.py --seconds 3600 --stop-after 2400 --out benchmarks/results/render-memory.json
                                                            # RSS every 30 s of a long render, stopped at 40 min
+    python benchmarks/render.py --seconds 1200 --hour-every 300 --out benchmarks/results/render-memory-renewals.json
+                                                           # the watermark's hourly renewal every 5 min of wall time
     python benchmarks/render.py --seconds 3600 --mux-only --out benchmarks/results/render-memory-mux-only.json
                                                            # the mp4 writer alone (16x16 frames, the same
                                                            # audio): its fragments while writing, and the
@@ -39,6 +41,13 @@ from avatar.memory import steady_heap
 from avatar.render import render_file
 steady_heap()  # as the CLI does
 torch.set_num_threads(int(sys.argv[4]))
+hour_every = float(sys.argv[6])
+if hour_every > 0:  # a clock on which an hour passes every `hour_every` s: the watermark's hourly renewal, often
+    import time
+    import avatar.disclosure, avatar.watermark
+    started, real_hour = time.monotonic(), avatar.watermark.hour_bucket
+    fast_hour = lambda when=None: (real_hour(when) + int((time.monotonic() - started) // hour_every)) % (1 << avatar.watermark.HOUR_BITS)
+    avatar.watermark.hour_bucket = avatar.disclosure.hour_bucket = fast_hour
 result = render_file(portrait=Path(DEFAULT_PORTRAIT), audio=Path(sys.argv[1]), output=Path(sys.argv[2]),
                      controls=Controls(), audio_model=sys.argv[3], progress=False)
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
@@ -100,6 +109,8 @@ def main() -> None:
     parser.add_argument("--sample-every", type=float, default=30.0, help="s between samples of the render's RSS")
     parser.add_argument("--stop-after", type=float, default=None,
                         help="s of wall time after which a render is stopped (its RSS samples so far are kept)")
+    parser.add_argument("--hour-every", type=float, default=0.0,
+                        help="s of wall time per hour of the watermark's clock (0: the real clock)")
     parser.add_argument("--mux-only", action="store_true",
                         help="measure the mp4 writer alone (16x16 frames, the same audio, no engines)")
     args = parser.parse_args()
@@ -111,7 +122,8 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOG_minloglevel": "2"}
             started = time.perf_counter()
             child = subprocess.Popen([sys.executable, "-c", CHILD_MUX if args.mux_only else CHILD, str(audio),
-                                      str(Path(tmp) / "out.mp4"), args.audio_model, str(args.threads), str(seconds)],
+                                      str(Path(tmp) / "out.mp4"), args.audio_model, str(args.threads), str(seconds),
+                                      str(args.hour_every)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             samples = []  # (wall s, resident MB, peak MB) of the render process while it runs
             stopped = False
@@ -151,6 +163,7 @@ def main() -> None:
                     "python": platform.python_version(), "torch": torch.__version__,
                     "torch_threads": args.threads},
         "audio_model": args.audio_model,
+        "watermark_hour_every_s": args.hour_every or None,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": runs,
     }
