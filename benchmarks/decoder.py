@@ -5,8 +5,9 @@
     PYTHONPATH=. python benchmarks/decoder.py --rig astro_rig.pt --device cuda   # no mediapipe needed
 
 A set-up "TxW" is T torch threads per op and W decoder workers (FaceDecoder.parallel: the mouth and
-eyes on W threads of their own). 2x0 is the issue's "torch, 2 threads"; 1x1 is what render and live
-run. The set-ups take turns frame by frame, so a shared machine's changing speed hits them alike.
+eyes on W threads of their own). 2x0 is the issue's "torch, 2 threads"; 1x1 is what live runs
+(offline render runs 1x0 on two frames at once). The set-ups take turns frame by frame, so a shared
+machine's changing speed hits them alike.
 
 The motion is a smooth random walk through every channel's range (head turns, speech-like jaw,
 blinks, gaze shifts), so the timing covers the renderer's real work, not the neutral shortcut it
