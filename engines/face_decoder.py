@@ -403,8 +403,9 @@ class FaceDecoder(nn.Module):
         work, so the same pixels. Meant for one torch thread per op (torch.set_num_threads(1), as
         live runs): measured here, 1 worker took 16 % off a frame, where two intra-op threads took
         10 % and stall badly when the other core is busy. It costs CPU (measured on the AMD EPYC:
-        29 ms of CPU a frame in one thread, 41 with the worker), so offline render, which may let a
-        frame wait, decodes whole frames side by side instead (avatar.pipeline.ordered_map).
+        29 ms of CPU a frame in one thread, 41 with the worker; 30 and 33 a day later), so offline
+        render, which may let a frame wait, decodes whole frames side by side instead
+        (avatar.pipeline.ordered_map).
         Traced, exported, scripted, compiled or on a GPU, the decoder runs in one thread."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
