@@ -70,7 +70,7 @@ def render_file(*, portrait: Path, audio: Path, output: Path, controls: Controls
     audio_model = resolve_audio_model(audio_model)
     rig = load_rig(portrait, head_distance=controls.head_distance, face_index=face_index)
     # on the CPU whole frames are decoded side by side (see render_threads), so each decoder call
-    # stays in its own thread: splitting a frame over two cores cost ~12 ms of CPU a frame here
+    # stays in its own thread: splitting a frame over two cores cost 3-12 ms more CPU a frame here
     engines = load_engines(audio_model=audio_model, motion_model=motion_model, decoder_workers=0)
     backend = create_backend(runtime, engines=engines)
     log.info("render: engines on %s", backend.describe())
